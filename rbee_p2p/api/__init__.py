@@ -1,0 +1,1 @@
+"""The HTTP layer (quart-trio): OpenAI-compatible endpoints, status, dashboard, metrics."""

@@ -1,0 +1,1 @@
+"""Local inference engines behind one interface (llama-cpp-python, diffusers, a scripted fake)."""

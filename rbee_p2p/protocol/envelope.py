@@ -1,0 +1,258 @@
+"""Signed envelopes and the verification pipeline.
+
+Wire form (deterministic CBOR array)::
+
+    [version, type, sender, issued_at, expires_at, nonce, payload, signature]
+
+The signature is Ed25519 by ``sender`` over ``DOMAIN || encode([version, type, sender,
+issued_at, expires_at, nonce, payload])``.  Times are integer milliseconds since the Unix
+epoch; every function that needs the time takes ``now_ms``.
+
+Received bytes pass the checks in this order, each raising its own error:
+size (:class:`Oversized`) → decode (:class:`Malformed`) → schema (:class:`InvalidSchema`)
+→ signature (:class:`BadSignature`) → time window (:class:`Expired`, :class:`NotYetValid`)
+→ replay cache (:class:`Replayed`).  Nothing is recorded unless every check passed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass, field
+from typing import Any, Generic, Mapping, TypeVar
+
+from . import cbor
+from .errors import Expired, InvalidSchema, Misdirected, NotYetValid, Oversized, Replayed
+from .identity import PEER_ID_LENGTH, NodeKey, verify_signature
+from .messages import Message, class_for_type
+from .schema import from_wire, to_wire
+
+__all__ = [
+    "VERSION",
+    "DOMAIN",
+    "NONCE_LENGTH",
+    "Limits",
+    "Envelope",
+    "Verified",
+    "seal",
+    "decode_envelope",
+    "check_signature",
+    "check_time",
+    "ReplayCache",
+    "Verifier",
+]
+
+VERSION = 1
+DOMAIN = b"rbee-p2p/envelope/v1\x00"
+NONCE_LENGTH = 16
+_SIGNATURE_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size and time limits applied to received envelopes."""
+
+    max_bytes: int = 1024 * 1024
+    """Largest envelope accepted at all."""
+    max_bytes_by_type: Mapping[int, int] = field(
+        default_factory=lambda: {1: 16 * 1024, 5: 4096, 6: 1024, 7: 64 * 1024, 8: 4096, 9: 1024}
+    )
+    """Tighter limits for small message types (advert, error, cancel, audit, receipts)."""
+    max_skew_ms: int = 30_000
+    """Tolerated clock difference between peers."""
+    max_ttl_ms: int = 10 * 60_000
+    """Longest validity (expires_at - issued_at) accepted; bounds the replay cache."""
+
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded, schema-checked envelope (its signature is checked separately)."""
+
+    version: int
+    type: int
+    sender: bytes
+    issued_at: int
+    expires_at: int
+    nonce: bytes
+    payload: Mapping[str, Any]
+    signature: bytes
+    raw: bytes
+
+    def signed_bytes(self) -> bytes:
+        # ``raw`` is canonical, so the signed 7-item array is raw's items minus the
+        # 66-byte signature (0x58 0x40 + 64 bytes) under a 7-item array header (0x87).
+        return DOMAIN + b"\x87" + self.raw[1:-(_SIGNATURE_LENGTH + 2)]
+
+
+@dataclass(frozen=True)
+class Verified(Generic[M]):
+    """An envelope that passed every check, with its payload as a message value."""
+
+    envelope: Envelope
+    message: M
+
+    @property
+    def sender(self) -> bytes:
+        return self.envelope.sender
+
+
+def _signed_bytes(head: list[Any]) -> bytes:
+    return DOMAIN + cbor.encode(head)
+
+
+def seal(
+    key: NodeKey,
+    message: Message,
+    *,
+    now_ms: int,
+    ttl_ms: int = 60_000,
+    nonce: bytes | None = None,
+) -> bytes:
+    """Sign ``message`` as ``key`` and return the envelope bytes.
+
+    ``nonce`` defaults to 16 random bytes; pass one only for reproducible test vectors.
+    Raises :class:`InvalidSchema` if ``message`` is not valid (nothing invalid is signed).
+    """
+    if nonce is None:
+        nonce = os.urandom(NONCE_LENGTH)
+    head = [VERSION, message.TYPE, key.peer_id, now_ms, now_ms + ttl_ms, nonce, to_wire(message)]
+    signature = key.sign(_signed_bytes(head))
+    return cbor.encode([*head, signature])
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise InvalidSchema(f"envelope {what}: expected an unsigned integer")
+    return value
+
+
+def _bytes(value: Any, what: str, length: int) -> bytes:
+    if not isinstance(value, bytes) or len(value) != length:
+        raise InvalidSchema(f"envelope {what}: expected {length} bytes")
+    return value
+
+
+def decode_envelope(data: bytes, limits: Limits) -> tuple[Envelope, Message]:
+    """Size, decode and schema checks; the signature and time are NOT checked here.
+
+    Raises :class:`Oversized`, :class:`Malformed`, :class:`InvalidSchema` or
+    :class:`UnknownType`.  Pure and cheap to call on hostile input.
+    """
+    item = cbor.decode(data, max_size=limits.max_bytes)
+    if not isinstance(item, list) or len(item) != 8:
+        raise InvalidSchema("an envelope is an array of 8 items")
+    version, type_, sender, iat, exp, nonce, payload, signature = item
+    if _int(version, "version") != VERSION:
+        raise InvalidSchema(f"unsupported envelope version {version}")
+    cls = class_for_type(_int(type_, "type"))
+    type_limit = limits.max_bytes_by_type.get(type_)
+    if type_limit is not None and len(data) > type_limit:
+        raise Oversized(f"type {type_}: {len(data)} bytes exceed the limit of {type_limit}")
+    if not isinstance(payload, dict):
+        raise InvalidSchema("envelope payload: expected a map")
+    env = Envelope(
+        version=version,
+        type=type_,
+        sender=_bytes(sender, "sender", PEER_ID_LENGTH),
+        issued_at=_int(iat, "issued_at"),
+        expires_at=_int(exp, "expires_at"),
+        nonce=_bytes(nonce, "nonce", NONCE_LENGTH),
+        payload=payload,
+        signature=_bytes(signature, "signature", _SIGNATURE_LENGTH),
+        raw=data,
+    )
+    if env.expires_at < env.issued_at:
+        raise InvalidSchema("envelope expires before it is issued")
+    message: Message = from_wire(cls, payload)
+    return env, message
+
+
+def check_signature(env: Envelope) -> None:
+    """Raises :class:`BadSignature` (or :class:`InvalidSchema` for a non-Ed25519 sender)."""
+    verify_signature(env.sender, env.signature, env.signed_bytes())
+
+
+def check_time(env: Envelope, now_ms: int, limits: Limits) -> None:
+    """Freshness: issued not too far in the future, not expired, validity not too long."""
+    if env.issued_at > now_ms + limits.max_skew_ms:
+        raise NotYetValid(f"issued {env.issued_at - now_ms} ms in the future")
+    if env.expires_at + limits.max_skew_ms < now_ms:
+        raise Expired(f"expired {now_ms - env.expires_at} ms ago")
+    if env.expires_at - env.issued_at > limits.max_ttl_ms:
+        raise InvalidSchema(f"validity longer than {limits.max_ttl_ms} ms")
+
+
+class ReplayCache:
+    """Remembers accepted (sender, nonce) pairs until they expire; bounded in size.
+
+    When full, the entry that expires first is forgotten and the cache raises its
+    *watermark* to that expiry: from then on anything expiring at or before the watermark is
+    refused as possibly replayed.  So a full cache fails closed, never open.
+    """
+
+    def __init__(self, capacity: int = 100_000, skew_ms: int = 30_000) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self.skew_ms = skew_ms
+        self.watermark = -1
+        self._seen: dict[tuple[bytes, bytes], int] = {}
+        self._by_expiry: list[tuple[int, bytes, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _prune(self, now_ms: int) -> None:
+        while self._by_expiry and self._by_expiry[0][0] + self.skew_ms < now_ms:
+            _, sender, nonce = heapq.heappop(self._by_expiry)
+            self._seen.pop((sender, nonce), None)
+
+    def check_and_add(self, env: Envelope, now_ms: int) -> None:
+        """Record ``env``'s nonce; :class:`Replayed` if seen before or below the watermark."""
+        self._prune(now_ms)
+        key = (env.sender, env.nonce)
+        if key in self._seen or env.expires_at <= self.watermark:
+            raise Replayed("nonce already seen from this sender")
+        while len(self._seen) >= self.capacity:
+            expiry, sender, nonce = heapq.heappop(self._by_expiry)
+            del self._seen[(sender, nonce)]
+            self.watermark = max(self.watermark, expiry)
+            if env.expires_at <= self.watermark:
+                raise Replayed("replay cache full; too old to prove fresh")
+        self._seen[key] = env.expires_at
+        heapq.heappush(self._by_expiry, (env.expires_at, env.sender, env.nonce))
+
+
+class Verifier:
+    """The full pipeline for one receiving node: limits + replay cache."""
+
+    def __init__(self, limits: Limits | None = None, replay: ReplayCache | None = None) -> None:
+        self.limits = Limits() if limits is None else limits
+        self.replay = ReplayCache(skew_ms=self.limits.max_skew_ms) if replay is None else replay
+
+    def verify(
+        self,
+        data: bytes,
+        now_ms: int,
+        *,
+        expect: type[M] | None = None,
+        sender: bytes | None = None,
+    ) -> Verified[Any]:
+        """Run every check on ``data``; return the verified message.
+
+        ``expect`` restricts the accepted message class and ``sender`` the signer
+        (:class:`Misdirected` otherwise).  Raises a :class:`ProtocolError` subclass naming
+        the first failed check; the replay cache is only updated when all checks pass.
+        """
+        env, message = decode_envelope(data, self.limits)
+        if expect is not None and not isinstance(message, expect):
+            raise Misdirected(f"expected {expect.__name__}, got {type(message).__name__}")
+        check_signature(env)
+        if sender is not None and env.sender != sender:
+            raise Misdirected("signed by an unexpected peer")
+        check_time(env, now_ms, self.limits)
+        self.replay.check_and_add(env, now_ms)
+        return Verified(env, message)

@@ -1,0 +1,1 @@
+"""Local files a node keeps: its identity key and its audit log."""

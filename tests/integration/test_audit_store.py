@@ -1,0 +1,86 @@
+import os
+
+import pytest
+import samples
+
+from rbee_p2p.errors import InvalidSchema, StorageError
+from rbee_p2p.protocol.audit import verify_chain
+from rbee_p2p.store.audit import AuditLog, read_frames
+
+
+def fill(path, n, key=None):
+    with AuditLog(path, key or samples.key_a()) as log:
+        for i in range(n):
+            log.append(now_ms=samples.NOW + i, kind="execute", outcome="ok",
+                       request_id=samples.RID, tokens_out=i)
+        return log.head
+
+
+def test_append_reopen_and_continue(tmp_path):
+    path = tmp_path / "audit.log"
+    head = fill(path, 3)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    head2 = fill(path, 2)
+    assert head2.seq == 5 and head.seq == 3
+    with AuditLog(path, samples.key_a()) as log:
+        got, records = verify_chain(log.records(), expected_head=head2)
+    assert [r.tokens_out for r in records] == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 10, 60])
+def test_torn_final_record_is_cut_and_the_rest_kept(tmp_path, cut):
+    path = tmp_path / "audit.log"
+    fill(path, 4)
+    data = path.read_bytes()
+    frames, _ = read_frames(data)
+    path.write_bytes(data[: frames[-1][0] + cut])  # a crash during the 4th append
+    with AuditLog(path, samples.key_a()) as log:
+        assert log.head.seq == 3
+        log.append(now_ms=samples.NOW, kind="note", outcome="ok")
+        verify_chain(log.records(), expected_head=log.head)
+    assert path.stat().st_size < len(data) + 1
+
+
+def test_zero_filled_tail_is_cut(tmp_path):
+    path = tmp_path / "audit.log"
+    fill(path, 2)
+    with open(path, "ab") as f:
+        f.write(bytes(4096))
+    with AuditLog(path, samples.key_a()) as log:
+        assert log.head.seq == 2
+
+
+def test_damage_before_the_tail_is_an_error_not_a_silent_cut(tmp_path):
+    path = tmp_path / "audit.log"
+    fill(path, 4)
+    data = bytearray(path.read_bytes())
+    frames, _ = read_frames(bytes(data))
+    data[frames[1][0] + 30] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="record 1"):
+        AuditLog(path, samples.key_a())
+    assert path.read_bytes() == bytes(data)  # nothing cut
+
+
+def test_a_log_of_another_node_is_refused(tmp_path):
+    path = tmp_path / "audit.log"
+    fill(path, 1, key=samples.key_b())
+    with pytest.raises(StorageError, match="another node"):
+        AuditLog(path, samples.key_a())
+    assert len(read_frames(path.read_bytes())[0]) == 1
+
+
+def test_one_writer_at_a_time(tmp_path):
+    path = tmp_path / "audit.log"
+    with AuditLog(path, samples.key_a()):
+        with pytest.raises(StorageError, match="in use"):
+            AuditLog(path, samples.key_a())
+
+
+def test_bad_fields_write_nothing(tmp_path):
+    path = tmp_path / "audit.log"
+    with AuditLog(path, samples.key_a()) as log:
+        with pytest.raises(InvalidSchema):
+            log.append(now_ms=samples.NOW, kind="bogus", outcome="ok")
+        assert log.head.seq == 0
+    assert os.path.getsize(path) == 0

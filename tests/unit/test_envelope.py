@@ -1,0 +1,197 @@
+import pytest
+import samples
+
+from rbee_p2p.protocol import cbor
+from rbee_p2p.protocol.envelope import (
+    DOMAIN,
+    Limits,
+    ReplayCache,
+    Verifier,
+    decode_envelope,
+    seal,
+)
+from rbee_p2p.protocol.errors import (
+    BadSignature,
+    Expired,
+    InvalidSchema,
+    Malformed,
+    Misdirected,
+    NotYetValid,
+    Oversized,
+    ProtocolError,
+    Replayed,
+    UnknownType,
+)
+from rbee_p2p.protocol.identity import verify_signature
+from rbee_p2p.protocol.messages import CapabilityAdvert, Cancel, InferenceRequest
+
+NOW = samples.NOW
+
+
+def sealed(message=None, *, now=NOW, ttl=60_000, nonce=None, key=None):
+    return seal(key or samples.key_a(), message or samples.advert(), now_ms=now, ttl_ms=ttl,
+                nonce=nonce)
+
+
+def test_every_message_type_seals_and_verifies():
+    verifier = Verifier()
+    for message in samples.one_of_each():
+        verified = verifier.verify(sealed(message, ttl=1000), NOW)
+        assert verified.message == message
+        assert verified.sender == samples.key_a().peer_id
+
+
+def test_signature_covers_domain_separated_canonical_bytes():
+    data = sealed(nonce=bytes(16))
+    env, _ = decode_envelope(data, Limits())
+    items = cbor.decode(data, max_size=1 << 20)
+    assert env.signed_bytes() == DOMAIN + cbor.encode(items[:7])
+    verify_signature(env.sender, env.signature, env.signed_bytes())
+    with pytest.raises(BadSignature):  # the same signature without the domain fails
+        verify_signature(env.sender, env.signature, cbor.encode(items[:7]))
+
+
+def test_sealing_is_deterministic_for_a_fixed_nonce():
+    assert sealed(nonce=bytes(16)) == sealed(nonce=bytes(16))
+    assert sealed() != sealed()  # random nonces
+
+
+def _resign(items, key=None):
+    """Re-encode a tampered envelope with a valid signature (to reach later checks)."""
+    key = key or samples.key_a()
+    items = list(items)
+    items[7] = key.sign(DOMAIN + cbor.encode(items[:7]))
+    return cbor.encode(items)
+
+
+def test_pipeline_order_size_first():
+    limits = Limits(max_bytes=100)
+    with pytest.raises(Oversized):
+        Verifier(limits).verify(sealed(), NOW)
+
+
+def test_per_type_size_limits():
+    biggest = samples.advert(addrs=tuple("/dns4/" + "x" * 250 for _ in range(16)),
+                             models=samples.advert().models * 32)
+    Verifier().verify(sealed(biggest), NOW)  # the largest schema-valid advert fits
+    with pytest.raises(Oversized, match="type 1"):
+        Verifier(Limits(max_bytes_by_type={1: 400})).verify(sealed(), NOW)
+
+
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda it: it[:7], InvalidSchema),
+        (lambda it: [2, *it[1:]], InvalidSchema),
+        (lambda it: [it[0], 99, *it[2:]], UnknownType),
+        (lambda it: [*it[:2], it[2][:-1], *it[3:]], InvalidSchema),
+        (lambda it: [*it[:5], b"short", *it[6:]], InvalidSchema),
+        (lambda it: [*it[:6], "payload", it[7]], InvalidSchema),
+        (lambda it: [*it[:6], {**it[6], "seq": "seven"}, it[7]], InvalidSchema),
+        (lambda it: [*it[:3], it[3], it[3] - 1, *it[5:]], InvalidSchema),
+        (lambda it: [*it[:7], it[7][:10]], InvalidSchema),
+        (lambda it: [*it[:3], -5, *it[4:]], InvalidSchema),
+    ],
+)
+def test_structural_errors_are_schema_errors(mutate, error):
+    items = cbor.decode(sealed(), max_size=1 << 20)
+    with pytest.raises(error):
+        Verifier().verify(cbor.encode(mutate(items)), NOW)
+
+
+def test_tampering_with_any_signed_field_breaks_the_signature():
+    items = cbor.decode(sealed(), max_size=1 << 20)
+    tampered = [
+        [*items[:3], items[3] + 1, *items[4:]],
+        [*items[:5], bytes(16), *items[6:]],
+        [*items[:6], {**items[6], "seq": 8}, items[7]],
+        [*items[:2], samples.key_b().peer_id, *items[3:]],
+    ]
+    for t in tampered:
+        with pytest.raises(BadSignature):
+            Verifier().verify(cbor.encode(t), NOW)
+
+
+def test_flipping_any_bit_never_verifies():
+    data = sealed(samples.ResultChunk(request_id=samples.RID, seq=0, text="hi", tokens=1))
+    for i in range(len(data)):
+        for bit in (0x01, 0x80):
+            bad = data[:i] + bytes([data[i] ^ bit]) + data[i + 1 :]
+            with pytest.raises(ProtocolError):
+                Verifier().verify(bad, NOW)
+
+
+def test_byte_by_byte_prefixes_and_trailing_garbage():
+    data = sealed()
+    for end in range(len(data)):
+        with pytest.raises(Malformed):
+            Verifier().verify(data[:end], NOW)
+    with pytest.raises(Malformed):
+        Verifier().verify(data + b"\x00", NOW)
+
+
+def test_time_window():
+    limits = Limits(max_skew_ms=1000, max_ttl_ms=60_000)
+    data = sealed(ttl=10_000)
+    Verifier(limits).verify(data, NOW - 1000)  # issued within the skew ahead of us
+    with pytest.raises(NotYetValid):
+        Verifier(limits).verify(data, NOW - 1001)
+    Verifier(limits).verify(data, NOW + 11_000)  # expired less than skew ago
+    with pytest.raises(Expired):
+        Verifier(limits).verify(data, NOW + 11_001)
+    with pytest.raises(InvalidSchema, match="validity"):
+        Verifier(limits).verify(sealed(ttl=60_001), NOW)
+
+
+def test_replay_is_rejected_and_nothing_is_recorded_for_invalid_messages():
+    verifier = Verifier()
+    data = sealed()
+    verifier.verify(data, NOW)
+    with pytest.raises(Replayed):
+        verifier.verify(data, NOW + 5)
+    expired = sealed(now=NOW - 10 * 60_000)
+    with pytest.raises(Expired):
+        verifier.verify(expired, NOW)
+    assert len(verifier.replay) == 1
+    # the same nonce from another sender is not a replay
+    verifier.verify(sealed(nonce=cbor.decode(data, max_size=1 << 20)[5], key=samples.key_b()), NOW)
+
+
+def test_replay_cache_forgets_expired_entries():
+    cache = ReplayCache(skew_ms=0)
+    verifier = Verifier(Limits(max_skew_ms=0), cache)
+    verifier.verify(sealed(ttl=1000), NOW)
+    verifier.verify(sealed(ttl=1000), NOW + 500)
+    assert len(cache) == 2
+    verifier.verify(sealed(now=NOW + 2000, ttl=1000), NOW + 2000)
+    assert len(cache) == 1
+
+
+def test_full_replay_cache_fails_closed():
+    cache = ReplayCache(capacity=2)
+    verifier = Verifier(replay=cache)
+    first = sealed(ttl=1000)
+    verifier.verify(first, NOW)
+    verifier.verify(sealed(ttl=2000), NOW)
+    verifier.verify(sealed(ttl=3000), NOW)  # evicts `first`, watermark = its expiry
+    assert len(cache) == 2 and cache.watermark == NOW + 1000
+    with pytest.raises(Replayed):
+        verifier.verify(first, NOW)  # forgotten, but still refused
+    with pytest.raises(Replayed):
+        verifier.verify(sealed(ttl=500), NOW)  # could be an old message: refused
+    verifier.verify(sealed(ttl=4000), NOW)
+
+
+def test_expected_type_and_sender():
+    data = sealed(Cancel(request_id=samples.RID))
+    with pytest.raises(Misdirected):
+        Verifier().verify(data, NOW, expect=InferenceRequest)
+    with pytest.raises(Misdirected):
+        Verifier().verify(data, NOW, sender=samples.key_b().peer_id)
+    assert isinstance(Verifier().verify(sealed(), NOW, expect=CapabilityAdvert).message,
+                      CapabilityAdvert)
+
+
+def test_invalid_messages_are_never_signed():
+    with pytest.raises(InvalidSchema):
+        sealed(samples.advert(jurisdiction="TOO-LONG-CODE"))
