@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rbee_p2p.protocol import (
+from rbee_p2p.protocol import (  # noqa: F401  (re-exported for tests)
     AuditRecord,
     CapabilityAdvert,
     Cancel,

@@ -82,6 +82,8 @@ def verify_chain(
             raise ChainBroken(index, "unreadable", f"unreadable record ({exc})") from None
         if not isinstance(message, AuditRecord):
             raise ChainBroken(index, "unreadable", "not an audit record")
+        if env.expires_at != env.issued_at:
+            raise ChainBroken(index, "invalid", "audit records carry no validity window")
         try:
             check_signature(env)
         except ProtocolError:

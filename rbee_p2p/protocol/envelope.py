@@ -32,6 +32,7 @@ __all__ = [
     "DOMAIN",
     "NONCE_LENGTH",
     "Limits",
+    "DEFAULT_LIMITS",
     "Envelope",
     "Verified",
     "seal",
@@ -55,7 +56,7 @@ class Limits:
     max_bytes: int = 1024 * 1024
     """Largest envelope accepted at all."""
     max_bytes_by_type: Mapping[int, int] = field(
-        default_factory=lambda: {1: 16 * 1024, 5: 4096, 6: 1024, 7: 64 * 1024, 8: 4096, 9: 1024}
+        default_factory=lambda: {1: 32 * 1024, 5: 4096, 6: 1024, 7: 64 * 1024, 8: 4096, 9: 1024}
     )
     """Tighter limits for small message types (advert, error, cancel, audit, receipts)."""
     max_skew_ms: int = 30_000
@@ -64,6 +65,7 @@ class Limits:
     """Longest validity (expires_at - issued_at) accepted; bounds the replay cache."""
 
 
+DEFAULT_LIMITS = Limits()
 M = TypeVar("M", bound=Message)
 
 
@@ -110,17 +112,28 @@ def seal(
     now_ms: int,
     ttl_ms: int = 60_000,
     nonce: bytes | None = None,
+    limits: Limits | None = None,
 ) -> bytes:
     """Sign ``message`` as ``key`` and return the envelope bytes.
 
     ``nonce`` defaults to 16 random bytes; pass one only for reproducible test vectors.
-    Raises :class:`InvalidSchema` if ``message`` is not valid (nothing invalid is signed).
+    Raises :class:`InvalidSchema` if ``message`` is not valid and :class:`Oversized` if the
+    envelope would exceed ``limits`` (default: the receivers' defaults), so nothing is
+    signed that peers would refuse.
     """
     if nonce is None:
         nonce = os.urandom(NONCE_LENGTH)
     head = [VERSION, message.TYPE, key.peer_id, now_ms, now_ms + ttl_ms, nonce, to_wire(message)]
     signature = key.sign(_signed_bytes(head))
-    return cbor.encode([*head, signature])
+    data = cbor.encode([*head, signature])
+    _check_size(data, message.TYPE, DEFAULT_LIMITS if limits is None else limits)
+    return data
+
+
+def _check_size(data: bytes, type_: int, limits: Limits) -> None:
+    limit = min(limits.max_bytes, limits.max_bytes_by_type.get(type_, limits.max_bytes))
+    if len(data) > limit:
+        raise Oversized(f"type {type_}: {len(data)} bytes exceed the limit of {limit}")
 
 
 def _int(value: Any, what: str) -> int:
@@ -148,9 +161,7 @@ def decode_envelope(data: bytes, limits: Limits) -> tuple[Envelope, Message]:
     if _int(version, "version") != VERSION:
         raise InvalidSchema(f"unsupported envelope version {version}")
     cls = class_for_type(_int(type_, "type"))
-    type_limit = limits.max_bytes_by_type.get(type_)
-    if type_limit is not None and len(data) > type_limit:
-        raise Oversized(f"type {type_}: {len(data)} bytes exceed the limit of {type_limit}")
+    _check_size(data, type_, limits)
     if not isinstance(payload, dict):
         raise InvalidSchema("envelope payload: expected a map")
     env = Envelope(
@@ -193,11 +204,10 @@ class ReplayCache:
     refused as possibly replayed.  So a full cache fails closed, never open.
     """
 
-    def __init__(self, capacity: int = 100_000, skew_ms: int = 30_000) -> None:
+    def __init__(self, capacity: int = 100_000) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
-        self.skew_ms = skew_ms
         self.watermark = -1
         self._seen: dict[tuple[bytes, bytes], int] = {}
         self._by_expiry: list[tuple[int, bytes, bytes]] = []
@@ -205,23 +215,27 @@ class ReplayCache:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def _prune(self, now_ms: int) -> None:
-        while self._by_expiry and self._by_expiry[0][0] + self.skew_ms < now_ms:
+    def _prune(self, now_ms: int, skew_ms: int) -> None:
+        # entries the time check would refuse anyway need not be remembered
+        while self._by_expiry and self._by_expiry[0][0] + skew_ms < now_ms:
             _, sender, nonce = heapq.heappop(self._by_expiry)
             self._seen.pop((sender, nonce), None)
 
-    def check_and_add(self, env: Envelope, now_ms: int) -> None:
-        """Record ``env``'s nonce; :class:`Replayed` if seen before or below the watermark."""
-        self._prune(now_ms)
+    def check_and_add(self, env: Envelope, now_ms: int, skew_ms: int) -> None:
+        """Record ``env``'s nonce; :class:`Replayed` if seen before or below the watermark.
+
+        ``skew_ms`` must be the skew the time check uses.  Nothing changes on rejection.
+        """
+        self._prune(now_ms, skew_ms)
         key = (env.sender, env.nonce)
         if key in self._seen or env.expires_at <= self.watermark:
             raise Replayed("nonce already seen from this sender")
+        if len(self._seen) >= self.capacity and env.expires_at <= self._by_expiry[0][0]:
+            raise Replayed("replay cache full; too old to prove fresh")
         while len(self._seen) >= self.capacity:
             expiry, sender, nonce = heapq.heappop(self._by_expiry)
             del self._seen[(sender, nonce)]
             self.watermark = max(self.watermark, expiry)
-            if env.expires_at <= self.watermark:
-                raise Replayed("replay cache full; too old to prove fresh")
         self._seen[key] = env.expires_at
         heapq.heappush(self._by_expiry, (env.expires_at, env.sender, env.nonce))
 
@@ -231,7 +245,7 @@ class Verifier:
 
     def __init__(self, limits: Limits | None = None, replay: ReplayCache | None = None) -> None:
         self.limits = Limits() if limits is None else limits
-        self.replay = ReplayCache(skew_ms=self.limits.max_skew_ms) if replay is None else replay
+        self.replay = ReplayCache() if replay is None else replay
 
     def verify(
         self,
@@ -254,5 +268,5 @@ class Verifier:
         if sender is not None and env.sender != sender:
             raise Misdirected("signed by an unexpected peer")
         check_time(env, now_ms, self.limits)
-        self.replay.check_and_add(env, now_ms)
+        self.replay.check_and_add(env, now_ms, self.limits.max_skew_ms)
         return Verified(env, message)

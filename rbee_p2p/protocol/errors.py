@@ -98,7 +98,8 @@ class IllegalTransition(ProtocolError):
 class ChainBroken(ProtocolError):
     """An audit chain failed verification; ``index`` is the first bad record (0-based).
 
-    ``cause`` is one of "unreadable", "forged", "foreign", "sequence", "link", "truncated".
+    ``cause`` is one of "unreadable", "invalid", "forged", "foreign", "sequence", "link",
+    "truncated".
     """
 
     reason = "chain_broken"

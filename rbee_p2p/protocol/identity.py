@@ -36,11 +36,29 @@ _PB_PREFIX = b"\x08\x01\x12\x20"
 _MH_PREFIX = b"\x00\x24"
 PEER_ID_LENGTH = len(_MH_PREFIX) + len(_PB_PREFIX) + 32
 
+# Encodings of the small-order points (and their non-canonical twins), compared with the
+# sign bit cleared, as libsodium does: signatures "by" such keys can be forged by anyone.
+_SMALL_ORDER = frozenset(bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+))
+
+
+def _check_key(public_key: bytes) -> None:
+    if len(public_key) != 32:
+        raise InvalidSchema("an Ed25519 public key has 32 bytes")
+    if public_key[:31] + bytes([public_key[31] & 0x7F]) in _SMALL_ORDER:
+        raise InvalidSchema("weak (small-order) Ed25519 public key")
+
 
 def peer_id_from_public_key(public_key: bytes) -> bytes:
     """The binary peer ID (38 bytes) for a raw 32-byte Ed25519 public key."""
-    if len(public_key) != 32:
-        raise InvalidSchema("an Ed25519 public key has 32 bytes")
+    _check_key(public_key)
     return _MH_PREFIX + _PB_PREFIX + public_key
 
 
@@ -48,7 +66,9 @@ def public_key_from_peer_id(peer_id: bytes) -> bytes:
     """The raw Ed25519 public key inlined in ``peer_id``; :class:`InvalidSchema` if none is."""
     if len(peer_id) != PEER_ID_LENGTH or not peer_id.startswith(_MH_PREFIX + _PB_PREFIX):
         raise InvalidSchema("not an Ed25519 peer ID with an inlined key")
-    return peer_id[len(_MH_PREFIX) + len(_PB_PREFIX) :]
+    key = peer_id[len(_MH_PREFIX) + len(_PB_PREFIX) :]
+    _check_key(key)
+    return key
 
 
 def peer_id_to_str(peer_id: bytes) -> str:

@@ -172,9 +172,9 @@ class ResultChunk(Message):
 
     request_id: RequestId
     seq: Count  # 0, 1, 2, ... within one session
-    text: Annotated[str, MaxLen(256 * 1024)] = ""
+    text: Annotated[str, MaxLen(64 * 1024)] = ""  # UTF-8 bytes
     tokens: Count = 0
-    data: Annotated[bytes, MaxLen(8 * 1024 * 1024)] | None = None
+    data: Annotated[bytes, MaxLen(768 * 1024)] | None = None  # larger results: more chunks
 
 
 @message_type(4)

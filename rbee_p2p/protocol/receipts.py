@@ -63,13 +63,14 @@ def verify_receipt(
 ) -> Receipt:
     """Check a receipt against the signed request it answers.
 
-    The receipt must be signed by ``executor``, name the request's id and digest and its
-    signer as requester, and (when given) match the output digest and token count the
-    requester observed.  Freshness is not checked: receipts are kept as records.
+    The receipt must be signed by ``executor``, name the (validly signed) request's id,
+    digest, model (and pinned model digest) and its signer as requester, and (when given)
+    match the output digest and token count the requester observed.  Freshness is not checked: receipts are kept as records.
     Raises a :class:`ProtocolError` subclass; :class:`Misdirected` for any mismatch.
     """
     limits = limits or Limits()
-    req_env, request = decode_envelope(request_raw, limits)
+    req = _open_signed(request_raw, limits, InferenceRequest)
+    req_env, request = req.envelope, req.message
     rec = _open_signed(receipt_raw, limits, Receipt)
     receipt = rec.message
     assert isinstance(receipt, Receipt) and isinstance(request, InferenceRequest)
@@ -78,6 +79,9 @@ def verify_receipt(
         (receipt.request_id != request.request_id, "receipt for another request"),
         (receipt.request_digest != digest(request_raw), "request digest differs"),
         (receipt.requester != req_env.sender, "receipt names another requester"),
+        (receipt.model != request.model, "receipt for another model"),
+        (request.model_digest is not None and receipt.model_digest != request.model_digest,
+         "receipt for another model digest than the request pinned"),
         (output_digest is not None and receipt.output_digest != output_digest,
          "output digest differs from what was received"),
         (tokens_out is not None and receipt.tokens_out != tokens_out,

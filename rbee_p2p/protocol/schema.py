@@ -41,7 +41,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MaxLen:
-    """At most ``n`` characters (text) or bytes (byte strings)."""
+    """At most ``n`` bytes: UTF-8 bytes for text (portable: no code-point counting)."""
 
     n: int
 
@@ -78,7 +78,7 @@ class JsonLimits:
 
     max_depth: int = 8
     max_items: int = 4096
-    max_str: int = 4 * 1024 * 1024
+    max_str: int = 512 * 1024  # UTF-8 bytes
 
 
 Json = Mapping[str, Any]
@@ -103,8 +103,8 @@ def _json_checker(limits: JsonLimits) -> Checker:
                 raise _fail(path, "not a finite number")
             return
         if isinstance(value, str):
-            if len(value) > limits.max_str:
-                raise _fail(path, f"text longer than {limits.max_str}")
+            if _size(value) > limits.max_str:
+                raise _fail(path, f"text longer than {limits.max_str} bytes")
             return
         if isinstance(value, list):
             for i, item in enumerate(value):
@@ -127,6 +127,10 @@ def _json_checker(limits: JsonLimits) -> Checker:
     return check
 
 
+def _size(value: str | bytes) -> int:
+    return len(value.encode("utf-8")) if isinstance(value, str) else len(value)
+
+
 def _scalar_checker(base: Any, constraints: tuple[Any, ...]) -> Checker:
     def check(value: Any, path: str) -> Any:
         if base is float:
@@ -141,8 +145,8 @@ def _scalar_checker(base: Any, constraints: tuple[Any, ...]) -> Checker:
         elif not isinstance(value, base):
             raise _fail(path, f"expected {base.__name__}")
         for c in constraints:
-            if isinstance(c, MaxLen) and len(value) > c.n:
-                raise _fail(path, f"longer than {c.n}")
+            if isinstance(c, MaxLen) and _size(value) > c.n:
+                raise _fail(path, f"longer than {c.n} bytes")
             if isinstance(c, Len) and len(value) != c.n:
                 raise _fail(path, f"must have length {c.n}")
             if isinstance(c, Range) and not c.lo <= value <= c.hi:

@@ -43,6 +43,10 @@ TRANSITIONS: Mapping[tuple[SessionState, type[Message]], SessionState] = {
     (S.CANCELLING, ResultEnd): S.CANCELLED,
     (S.CANCELLING, ErrorMessage): S.CANCELLED,
     (S.CANCELLING, Cancel): S.CANCELLING,
+    # a cancel may cross the executor's last frame on the wire: harmless, ignored
+    (S.DONE, Cancel): S.DONE,
+    (S.FAILED, Cancel): S.FAILED,
+    (S.CANCELLED, Cancel): S.CANCELLED,
 }
 TERMINAL = frozenset({S.DONE, S.FAILED, S.CANCELLED})
 
@@ -83,7 +87,9 @@ class InferenceSession:
         if new is None:
             raise IllegalTransition(f"{type(message).__name__} not allowed in state {self.state.value}")
         seq = getattr(message, "seq", None)
-        if isinstance(message, (ResultChunk, ResultEnd)) and seq != self.next_seq:
+        must_match = isinstance(message, (ResultChunk, ResultEnd)) or (
+            isinstance(message, ErrorMessage) and seq is not None)
+        if must_match and seq != self.next_seq:
             raise IllegalTransition(f"expected seq {self.next_seq}, got {seq}")
         if isinstance(message, ResultChunk):
             self.next_seq += 1

@@ -10,11 +10,14 @@ One process at a time: the file is locked while open.
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import struct
 from pathlib import Path
 from typing import Any, Iterator
+
+import cbor2
 
 from ..errors import StorageError
 from ..protocol.audit import ChainHead, append_record, verify_chain
@@ -61,10 +64,34 @@ class AuditLog:
             os.close(self._fd)
             raise
 
+    def _torn_tail(self, data: bytes, offset: int) -> bool:
+        """Whether the bytes from ``offset`` (past the last complete frame) can be what a
+        crash during one append leaves: a prefix of one frame, or a zero-filled tail."""
+        tail = data[offset:]
+        if not tail.strip(b"\0") or len(tail) < _HEADER.size:
+            return True
+        (length,) = _HEADER.unpack_from(tail)
+        if not 0 < length <= MAX_RECORD:
+            return False
+        # A torn record is a strict prefix of one CBOR item.  If a whole item is there, the
+        # length header was damaged (records follow): refuse rather than drop them.
+        try:
+            cbor2.CBORDecoder(io.BytesIO(tail[_HEADER.size:])).decode()
+        except cbor2.CBORDecodeEOF:
+            return True
+        except Exception:
+            return False
+        return False
+
     def _recover(self) -> ChainHead:
         data = self.path.read_bytes()
         frames, complete = read_frames(data)
-        cut: int | None = complete if complete < len(data) else None
+        cut: int | None = None
+        if complete < len(data):
+            if not self._torn_tail(data, complete):
+                raise StorageError(f"{self.path}: damaged record header at byte {complete} "
+                                   f"(after record {len(frames) - 1}); refusing to drop the rest")
+            cut = complete
         try:
             head, _ = verify_chain((raw for _, raw in frames), signer=self.key.peer_id)
         except ChainBroken as exc:

@@ -62,6 +62,19 @@ def test_damage_before_the_tail_is_an_error_not_a_silent_cut(tmp_path):
     assert path.read_bytes() == bytes(data)  # nothing cut
 
 
+@pytest.mark.parametrize("length", [10_000, 2**32 - 1])
+def test_a_damaged_length_header_is_an_error_not_a_silent_cut(tmp_path, length):
+    path = tmp_path / "audit.log"
+    fill(path, 3)
+    data = bytearray(path.read_bytes())
+    frames, _ = read_frames(bytes(data))
+    data[frames[1][0] : frames[1][0] + 4] = length.to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="damaged record header"):
+        AuditLog(path, samples.key_a())
+    assert path.read_bytes() == bytes(data)
+
+
 def test_a_log_of_another_node_is_refused(tmp_path):
     path = tmp_path / "audit.log"
     fill(path, 1, key=samples.key_b())

@@ -76,3 +76,10 @@ def test_records_are_metadata_only():
                       prompt="secret text")
     with pytest.raises(InvalidSchema):
         append_record(A, ChainHead(), now_ms=samples.NOW, kind="gossip", outcome="ok")
+
+
+def test_records_with_a_validity_window_are_invalid():
+    raws, _ = build(1)
+    record = AuditRecord(seq=1, prev=record_hash(raws[0]), kind="note", outcome="ok")
+    windowed = seal(A, record, now_ms=samples.NOW, ttl_ms=1000)
+    expect_break([raws[0], windowed], 1, "invalid")

@@ -28,9 +28,9 @@ from rbee_p2p.protocol.messages import CapabilityAdvert, Cancel, InferenceReques
 NOW = samples.NOW
 
 
-def sealed(message=None, *, now=NOW, ttl=60_000, nonce=None, key=None):
+def sealed(message=None, *, now=NOW, ttl=60_000, nonce=None, key=None, limits=None):
     return seal(key or samples.key_a(), message or samples.advert(), now_ms=now, ttl_ms=ttl,
-                nonce=nonce)
+                nonce=nonce, limits=limits)
 
 
 def test_every_message_type_seals_and_verifies():
@@ -71,8 +71,14 @@ def test_pipeline_order_size_first():
 
 
 def test_per_type_size_limits():
+    big_model = samples.ModelInfo(name="é" * 64, digest=bytes(32), modality="embeddings",
+                                  context=2**32 - 1, tokens_per_s=1e7 - 1, size_bytes=2**64 - 1,
+                                  device="x" * 32)
+    big_device = samples.DeviceInfo(id="x" * 32, backend="vulkan", name="y" * 128,
+                                    mem_total=2**64 - 1, mem_free=2**64 - 1)
     biggest = samples.advert(addrs=tuple("/dns4/" + "x" * 250 for _ in range(16)),
-                             models=samples.advert().models * 32)
+                             models=(big_model,) * 64, devices=(big_device,) * 16,
+                             swarm="s" * 128, version="v" * 32)
     Verifier().verify(sealed(biggest), NOW)  # the largest schema-valid advert fits
     with pytest.raises(Oversized, match="type 1"):
         Verifier(Limits(max_bytes_by_type={1: 400})).verify(sealed(), NOW)
@@ -158,7 +164,7 @@ def test_replay_is_rejected_and_nothing_is_recorded_for_invalid_messages():
 
 
 def test_replay_cache_forgets_expired_entries():
-    cache = ReplayCache(skew_ms=0)
+    cache = ReplayCache()
     verifier = Verifier(Limits(max_skew_ms=0), cache)
     verifier.verify(sealed(ttl=1000), NOW)
     verifier.verify(sealed(ttl=1000), NOW + 500)
@@ -182,6 +188,18 @@ def test_full_replay_cache_fails_closed():
     verifier.verify(sealed(ttl=4000), NOW)
 
 
+def test_full_replay_cache_does_not_forget_when_it_refuses():
+    cache = ReplayCache(capacity=1)
+    verifier = Verifier(replay=cache)
+    kept = sealed(ttl=5000)
+    verifier.verify(kept, NOW)
+    with pytest.raises(Replayed):
+        verifier.verify(sealed(ttl=4000), NOW)  # older than anything cached: refused...
+    with pytest.raises(Replayed):
+        verifier.verify(kept, NOW)  # ...and `kept` is still remembered
+    assert cache.watermark == -1
+
+
 def test_expected_type_and_sender():
     data = sealed(Cancel(request_id=samples.RID))
     with pytest.raises(Misdirected):
@@ -190,6 +208,17 @@ def test_expected_type_and_sender():
         Verifier().verify(data, NOW, sender=samples.key_b().peer_id)
     assert isinstance(Verifier().verify(sealed(), NOW, expect=CapabilityAdvert).message,
                       CapabilityAdvert)
+
+
+def test_nothing_is_sealed_that_peers_would_refuse_as_oversized():
+    with pytest.raises(Oversized):
+        sealed(samples.advert(), limits=Limits(max_bytes_by_type={1: 100}))
+
+
+def test_text_limits_count_utf8_bytes():
+    sealed(samples.advert(jurisdiction="ÉÉÉÉ"))  # 8 bytes
+    with pytest.raises(InvalidSchema, match="8 bytes"):
+        sealed(samples.advert(jurisdiction="ÉÉÉÉÉ"))  # 5 characters, 10 bytes
 
 
 def test_invalid_messages_are_never_signed():

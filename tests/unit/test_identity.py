@@ -45,3 +45,18 @@ def test_signatures_verify_only_for_the_signer_and_data():
 def test_seed_round_trip():
     key = NodeKey.generate()
     assert NodeKey.from_seed(key.seed).peer_id == key.peer_id
+
+
+@pytest.mark.parametrize("key_hex", [
+    "00" * 32,
+    "01" + "00" * 31,
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # sign bit set
+])
+def test_small_order_keys_are_refused(key_hex):
+    key = bytes.fromhex(key_hex)
+    with pytest.raises(InvalidSchema, match="small-order"):
+        identity.peer_id_from_public_key(key)
+    forged_id = b"\x00\x24\x08\x01\x12\x20" + key
+    with pytest.raises(InvalidSchema):
+        identity.verify_signature(forged_id, bytes(64), b"anything")

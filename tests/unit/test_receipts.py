@@ -79,3 +79,23 @@ def test_countersign_by_someone_else_or_for_another_receipt(exchange):
     with pytest.raises(Misdirected):
         receipts.verify_countersign(seal(A, Cancel(request_id=samples.RID), now_ms=NOW),
                                     receipt_raw)
+
+
+def test_receipt_must_name_the_requested_model_and_pinned_digest():
+    pinned = seal(A, samples.request(B.peer_id, model_digest=bytes(32)), now_ms=NOW)
+    receipt = samples.receipt(A.peer_id, receipts.digest(pinned))  # digest DIGEST != zeros
+    with pytest.raises(Misdirected, match="model digest"):
+        receipts.verify_receipt(seal(B, receipt, now_ms=NOW, ttl_ms=0), request_raw=pinned,
+                                executor=B.peer_id)
+    request_raw = seal(A, samples.request(B.peer_id), now_ms=NOW)
+    other_model = samples.receipt(A.peer_id, receipts.digest(request_raw), model="llama")
+    with pytest.raises(Misdirected, match="another model"):
+        receipts.verify_receipt(seal(B, other_model, now_ms=NOW, ttl_ms=0),
+                                request_raw=request_raw, executor=B.peer_id)
+
+
+def test_request_signature_is_checked(exchange):
+    request_raw, receipt_raw, _ = exchange
+    forged = request_raw[:-1] + bytes([request_raw[-1] ^ 1])
+    with pytest.raises(BadSignature):
+        receipts.verify_receipt(receipt_raw, request_raw=forged, executor=B.peer_id)

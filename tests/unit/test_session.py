@@ -90,3 +90,19 @@ def test_wrong_sender_request_or_target():
     other = InferenceSession(RID, REQ, EXE)
     with pytest.raises(Misdirected):
         other.observe(REQ, samples.request(REQ))  # addressed to someone else
+
+
+def test_a_cancel_crossing_the_last_frame_is_harmless():
+    for last in (end(1), ERR):
+        session = run([(REQ, samples.request(EXE)), (EXE, chunk(0)), (EXE, last)])
+        final = session.state
+        assert session.observe(REQ, CANCEL) is final
+
+
+def test_error_seq_when_given_must_be_next():
+    session = run([(REQ, samples.request(EXE)), (EXE, chunk(0))])
+    bad = ErrorMessage(code="internal", message="x", request_id=RID, seq=5)
+    with pytest.raises(IllegalTransition, match="seq"):
+        session.observe(EXE, bad)
+    good = ErrorMessage(code="internal", message="x", request_id=RID, seq=1)
+    assert session.observe(EXE, good) is S.FAILED
