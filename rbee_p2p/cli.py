@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import data_dir, key_path
+from .config import DEFAULT_PORT, data_dir, key_path
 from .errors import RbeeError
 
 __all__ = ["main", "build_parser"]
@@ -27,12 +28,84 @@ def _cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_start(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from .config import load_config, parse_model_arg
+    from .node import run_node
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {"host": args.host, "port": args.port,
+             "default_model": False if args.no_default_model else None,
+             "models": [parse_model_arg(m) for m in args.model]}
+    config = load_config(args.config, flags=flags)
+    try:
+        trio.run(run_node, config)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = args.url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/rbee/status", timeout=10) as response:
+            status = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"rbee-node: cannot reach a node at {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"peer     {status['peer_id']}")
+    print(f"version  {status['version']}")
+    print(f"api      {status.get('url', url + '/v1')}")
+    print(f"uptime   {status.get('uptime_s', 0):.0f}s")
+    print("models")
+    for m in status["models"]:
+        aliases = f" (also {', '.join(m['aliases'])})" if m.get("aliases") else ""
+        print(f"  {m['name']}{aliases}: {m['modality']}, context {m['context']}, "
+              f"queue {m['queue_depth']}, active {m['active']}, "
+              f"served {m['requests_served']}, digest {m['digest'][:16]}…")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rbee-node", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"rbee-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_id = sub.add_parser("id", help="print this node's peer ID (creating the identity if needed)")
     p_id.set_defaults(func=_cmd_id)
+
+    p_start = sub.add_parser(
+        "start", help="run a node: serve the OpenAI API (default http://127.0.0.1:7833/v1)",
+        description="Run a node until Ctrl-C.  Settings: defaults < TOML config "
+                    "(--config, default $RBEE_HOME/rbee-node.toml) < RBEE_* environment "
+                    "variables < these flags.")
+    p_start.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    p_start.add_argument("--host", metavar="H", help="HTTP address (default 127.0.0.1)")
+    p_start.add_argument("--port", type=int, metavar="P", help=f"HTTP port (default {DEFAULT_PORT})")
+    p_start.add_argument("--model", action="append", default=[], metavar="PATH|NAME=PATH",
+                         help="a GGUF model to serve (repeatable); the name defaults to the "
+                              "file's stem")
+    p_start.add_argument("--no-default-model", action="store_true",
+                         help="do not serve the embedded SmolLM2-135M model")
+    p_start.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p_start.set_defaults(func=_cmd_start)
+
+    p_status = sub.add_parser("status", help="show a running node's status")
+    p_status.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                          help="the node's base URL")
+    p_status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p_status.set_defaults(func=_cmd_status)
     return parser
 
 

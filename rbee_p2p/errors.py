@@ -5,6 +5,9 @@
   ``ConfigError``: the user's configuration or environment is unusable
     ``KeyFileError``: the node key file is unsafe or unreadable (never silently replaced)
   ``StorageError``: a local store (audit log) is corrupt or locked
+  ``RequestError``: a client's request cannot be served; each subclass has one HTTP status
+    ``InvalidRequest`` (400), ``ModelNotFound`` (404), ``PayloadTooLarge`` (413),
+    ``Busy`` (503, with ``retry_after``), ``EngineFailure`` (500)
 """
 
 from __future__ import annotations
@@ -13,7 +16,18 @@ from .protocol.errors import *  # noqa: F401,F403  (re-export the protocol part 
 from .protocol.errors import RbeeError
 from .protocol.errors import __all__ as _protocol_all
 
-__all__ = [*_protocol_all, "ConfigError", "KeyFileError", "StorageError"]
+__all__ = [
+    *_protocol_all,
+    "ConfigError",
+    "KeyFileError",
+    "StorageError",
+    "RequestError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "PayloadTooLarge",
+    "Busy",
+    "EngineFailure",
+]
 
 
 class ConfigError(RbeeError):
@@ -26,3 +40,35 @@ class KeyFileError(ConfigError):
 
 class StorageError(RbeeError):
     """A local store is corrupt beyond a torn final record, or locked by another process."""
+
+
+class RequestError(RbeeError):
+    """A client request that cannot be served.  ``param`` names the offending field."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidRequest(RequestError):
+    """Malformed JSON, wrong types, out-of-range values, prompt + max_tokens beyond context."""
+
+
+class ModelNotFound(RequestError):
+    """No model of that name is served here."""
+
+
+class PayloadTooLarge(RequestError):
+    """The request body exceeds the configured limit."""
+
+
+class Busy(RequestError):
+    """The model's queue is full; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineFailure(RequestError):
+    """The engine failed while serving; the node keeps serving other requests."""

@@ -1,0 +1,126 @@
+"""The HTTP routes (quart-trio).  Thin: parse, call serving, translate errors in one table."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..errors import (
+    Busy,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestError,
+)
+from .schemas import Limits, parse_chat, parse_completion, parse_embeddings, parse_json
+from .serving import Serving, error_body
+
+__all__ = ["create_app", "ERROR_STATUS"]
+
+log = logging.getLogger(__name__)
+
+# The one table from our errors to HTTP: (status, OpenAI error type, code).
+ERROR_STATUS: dict[type[RequestError], tuple[int, str, str | None]] = {
+    InvalidRequest: (400, "invalid_request_error", None),
+    ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    PayloadTooLarge: (413, "invalid_request_error", "request_too_large"),
+    Busy: (503, "server_error", "overloaded"),
+    EngineFailure: (500, "server_error", "engine_failure"),
+}
+_HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
+               413: "invalid_request_error"}
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    import json
+
+    return Response(json.dumps(body, ensure_ascii=False), status=status, headers=headers,
+                    mimetype="application/json")
+
+
+def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
+               status: Callable[[], dict[str, Any]]) -> QuartTrio:
+    app = QuartTrio("rbee_p2p")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None  # generations may run longer than quart's 60 s
+    app.config["BODY_TIMEOUT"] = 60
+
+    async def body() -> dict[str, Any]:
+        length = request.content_length
+        if length is not None and length > max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of "
+                                  f"{max_body_bytes} bytes")
+        return parse_json(await request.get_data(cache=False))
+
+    async def text_route(kind: str) -> Response:
+        parse = parse_chat if kind == "chat" else parse_completion
+        call = parse(await body(), limits)
+        if not call.stream:
+            return _json(await serving.complete(call, kind))  # type: ignore[arg-type]
+        engine, prepared = serving.prepare(call)
+        events = serving.stream(call, kind, engine, prepared)  # type: ignore[arg-type]
+        response = Response(events, mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response.timeout = None
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Response:
+        return await text_route("chat")
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await text_route("completion")
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        return _json(await serving.embeddings(parse_embeddings(await body(), limits)))
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        data = []
+        for engine in serving.scheduler.engines:
+            for name in (engine.card.name, *engine.card.aliases):
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": "rbee"})
+        return _json({"object": "list", "data": data})
+
+    @app.get("/v1/models/<path:name>")
+    async def model(name: str) -> Response:
+        serving.scheduler.lookup(name)
+        return _json({"id": name, "object": "model", "created": 0, "owned_by": "rbee"})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/rbee/status")
+    async def rbee_status() -> Response:
+        return _json(status())
+
+    @app.errorhandler(RequestError)
+    async def request_error(exc: RequestError) -> Response:
+        code, type_, err_code = ERROR_STATUS.get(type(exc), (400, "invalid_request_error", None))
+        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, Busy) else None
+        if code >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc)
+        return _json(error_body(str(exc), type_, param=exc.param, code=err_code), code, headers)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        message = {404: f"Unknown request URL: {request.method} {request.path}",
+                   413: f"request body exceeds the limit of {max_body_bytes} bytes"}.get(
+            code, exc.description or exc.name)
+        return _json(error_body(message, _HTTP_TYPES.get(code, "server_error")), code)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+    return app

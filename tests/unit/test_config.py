@@ -1,0 +1,106 @@
+import pytest
+
+from rbee_p2p.config import ModelSpec, default_model_path, load_config, parse_model_arg
+from rbee_p2p.engines.base import file_digest
+from rbee_p2p.errors import ConfigError
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF fake weights")
+    return path
+
+
+def test_defaults(tmp_path):
+    config = load_config(env={"RBEE_HOME": str(tmp_path)})
+    assert (config.host, config.port, config.home) == ("127.0.0.1", 7833, tmp_path)
+    names = [m.name for m in config.served_models()]
+    assert names == ["smollm2"]
+    assert config.served_models()[0].path == default_model_path()
+
+
+def test_precedence_file_then_env_then_flags(tmp_path, model_file):
+    (tmp_path / "rbee-node.toml").write_text(
+        f'port = 9000\nhost = "127.0.0.2"\nmax_queue = 3\n'
+        f'[[models]]\npath = "{model_file}"\nname = "tiny"\naliases = ["t"]\ncontext = 512\n'
+        f'threads = 1\ndevice = "cuda:1"\ngpu_layers = 99\n')
+    env = {"RBEE_HOME": str(tmp_path), "RBEE_PORT": "9001", "RBEE_MAX_QUEUE": "4"}
+    config = load_config(env=env)
+    assert (config.port, config.host, config.max_queue) == (9001, "127.0.0.2", 4)
+    assert config.models == (ModelSpec(name="tiny", path=model_file, aliases=("t",),
+                                       context=512, threads=1, gpu_layers=99,
+                                       device="cuda:1"),)
+    config = load_config(env=env, flags={"port": 9002, "host": None, "default_model": False,
+                                         "models": [parse_model_arg(f"other={model_file}")]})
+    assert config.port == 9002 and config.host == "127.0.0.2"
+    assert [m.name for m in config.served_models()] == ["tiny", "other"]
+
+
+def test_explicit_config_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml", env={"RBEE_HOME": str(tmp_path)})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("port = 'x'", "port must be int"),
+    ("colour = 'red'", "unknown setting"),
+    ("port = 70000", "out of range"),
+    ("[[models]]\nname = 'x'", "needs a path"),
+    ("[[models]]\npath = '/x'\nsize = 3", "unknown model settings"),
+    ("port = = 1", "cannot read config"),
+])
+def test_bad_config_files(tmp_path, text, match):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, env={"RBEE_HOME": str(tmp_path)})
+
+
+def test_bad_env_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"\$RBEE_PORT"):
+        load_config(env={"RBEE_HOME": str(tmp_path), "RBEE_PORT": "many"})
+
+
+def test_model_argument_forms(model_file):
+    assert parse_model_arg(str(model_file)).name == "tiny"
+    assert parse_model_arg(f"mine={model_file}") == ModelSpec(name="mine", path=model_file)
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_model_arg("/nonexistent/model.gguf")
+
+
+def test_duplicate_names_are_refused(tmp_path, model_file):
+    with pytest.raises(ConfigError, match="same name"):
+        load_config(env={"RBEE_HOME": str(tmp_path)},
+                    flags={"models": [parse_model_arg(f"smollm2={model_file}")] * 2})
+
+
+def test_a_configured_model_may_replace_the_default(tmp_path, model_file):
+    config = load_config(env={"RBEE_HOME": str(tmp_path)},
+                         flags={"models": [parse_model_arg(f"smollm2={model_file}")]})
+    assert [m.path for m in config.served_models()] == [model_file]
+
+
+def test_model_digest_is_cached_by_path_and_mtime(tmp_path, model_file):
+    import hashlib
+    import os
+
+    cache = tmp_path / "cache"
+    expected = hashlib.sha256(model_file.read_bytes()).digest()
+    assert file_digest(model_file, cache) == expected
+    # a cached digest is trusted while size and mtime are unchanged...
+    stat = model_file.stat()
+    model_file.write_bytes(b"GGUF fake weightZ")  # same size
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(model_file, cache) == expected
+    # ...and recomputed when the file changes
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert file_digest(model_file, cache) == hashlib.sha256(b"GGUF fake weightZ").digest()
+
+
+def test_the_annotated_example_is_valid_and_states_the_defaults(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "node" / "rbee-node.toml"
+    env = {"RBEE_HOME": str(tmp_path)}
+    assert load_config(example, env=env) == load_config(env=env)
