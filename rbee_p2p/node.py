@@ -17,6 +17,7 @@ from .api.schemas import Limits
 from .api.serving import Serving
 from .config import NodeConfig, key_path
 from .engines.base import TextEngine, file_digest
+from .dispatch import Dispatcher
 from .engines.scheduler import Scheduler
 from .errors import ConfigError
 from .store.keys import load_or_create_key
@@ -62,7 +63,8 @@ class Node:
         self.config = config
         self.peer_id = peer_id
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
-        self.serving = Serving(self.scheduler)
+        self.dispatcher = Dispatcher(self.scheduler)
+        self.serving = Serving(self.dispatcher)
         self.started = time.time()
         self.limits = Limits(max_tokens=config.max_tokens,
                              default_max_tokens=config.default_max_tokens)
@@ -78,8 +80,9 @@ class Node:
                 "digest": card.digest.hex(), "context": card.context, "path": card.path,
                 "size_bytes": card.size_bytes, "device": card.device,
                 "queue_depth": load.queue_depth, "active": load.active,
-                "requests_served": self.serving.requests_served.get(card.name, 0),
-                "tokens_generated": self.serving.tokens_generated.get(card.name, 0),
+                "requests_served": self.dispatcher.requests_served.get(card.name, 0),
+                "tokens_generated": self.dispatcher.tokens_generated.get(card.name, 0),
+                "tokens_per_s": round(self.dispatcher.tokens_per_s.get(card.name, 0.0), 1),
             })
         return {"peer_id": self.peer_id, "version": __version__,
                 "url": f"http://{self.config.host}:{self.config.port}/v1",

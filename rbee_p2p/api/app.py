@@ -62,8 +62,8 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         call = parse(await body(), limits)
         if not call.stream:
             return _json(await serving.complete(call, kind))  # type: ignore[arg-type]
-        engine, prepared = serving.prepare(call)
-        events = serving.stream(call, kind, engine, prepared)  # type: ignore[arg-type]
+        job = await serving.start(call, kind)  # type: ignore[arg-type]
+        events = serving.stream(call, kind, job)  # type: ignore[arg-type]
         response = Response(events, mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.timeout = None

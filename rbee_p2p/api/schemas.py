@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines.base import TextRequest
@@ -42,6 +42,7 @@ class ChatCall:
     request: TextRequest
     stream: bool
     include_usage: bool
+    body: dict[str, Any] = field(default_factory=dict, compare=False)  # as the client sent it
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatCall:
     fields, stream, include_usage = _common(body, limits)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), limits)
     return ChatCall(model, TextRequest(max_tokens=max_tokens, messages=messages, **fields),
-                    stream, include_usage)
+                    stream, include_usage, body)
 
 
 def parse_completion(body: dict[str, Any], limits: Limits) -> ChatCall:
@@ -227,7 +228,7 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> ChatCall:
     fields, stream, include_usage = _common(body, limits)
     max_tokens = _max_tokens(body, ("max_tokens",), Limits(limits.max_tokens, 16))
     return ChatCall(model, TextRequest(max_tokens=max_tokens, prompt=prompt, **fields), stream,
-                    include_usage)
+                    include_usage, body)
 
 
 def parse_embeddings(body: dict[str, Any], limits: Limits) -> EmbeddingsCall:

@@ -1,8 +1,8 @@
 """Engine-agnostic OpenAI responses: JSON bodies and SSE streams ending in ``data: [DONE]``.
 
-One SSE event per batch of tokens (the engine hands over the first token alone, then
-batches): each event costs event-loop time, so fewer, fuller events are faster for the
-same text (DESIGN.md, engine notes).
+A job (local or on a peer, see ``rbee_p2p.dispatch``) yields batches of text pieces; each
+batch becomes one SSE event: every event costs event-loop time, so fewer, fuller events are
+faster for the same text (DESIGN.md, engine notes).
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ import struct
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
-from ..engines.base import Completion, Prepared, TextEngine
-from ..engines.scheduler import Scheduler
+from ..dispatch import Dispatcher, Job, Kind
+from ..engines.base import Completion
 from ..errors import RequestError
 from .schemas import ChatCall, EmbeddingsCall
 
-__all__ = ["Serving", "error_body", "Kind"]
+__all__ = ["Serving", "error_body"]
 
 log = logging.getLogger(__name__)
-Kind = Literal["chat", "completion"]
 
 
 def error_body(message: str, type_: str, *, param: str | None = None,
@@ -36,44 +35,29 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
+def _usage(c: Completion) -> dict[str, int]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
 class Serving:
-    """Runs validated calls through the scheduler and shapes OpenAI responses."""
+    """Starts validated calls through the dispatcher and shapes OpenAI responses."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        self.tokens_generated: dict[str, int] = {}
-        self.requests_served: dict[str, int] = {}
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.scheduler = dispatcher.scheduler
 
-    def prepare(self, call: ChatCall) -> tuple[TextEngine, Prepared]:
-        """Look up, tokenize, check the context and the queue: every error that must be an
-        HTTP status is raised here, before a stream starts."""
-        engine = self.scheduler.lookup(call.model)
-        prepared = engine.prepare(call.request)
-        self.scheduler.check(engine)
-        return engine, prepared
-
-    def _account(self, engine: TextEngine, completion: Completion) -> None:
-        name = engine.card.name
-        self.tokens_generated[name] = self.tokens_generated.get(name, 0) + \
-            completion.completion_tokens
-        self.requests_served[name] = self.requests_served.get(name, 0) + 1
-
-    @staticmethod
-    def _usage(c: Completion) -> dict[str, int]:
-        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens}
+    async def start(self, call: ChatCall, kind: Kind) -> Job:
+        """Every error that must be an HTTP status is raised here, before a stream starts."""
+        return await self.dispatcher.start(call, kind)
 
     async def complete(self, call: ChatCall, kind: Kind) -> dict[str, Any]:
-        engine, prepared = self.prepare(call)
-        completion = Completion()
+        job = await self.start(call, kind)
         parts: list[str] = []
-        async with self.scheduler.admit(engine):
-            try:
-                async with aclosing(engine.stream(prepared, completion)) as batches:
-                    async for batch in batches:
-                        parts.extend(batch)
-            finally:
-                self._account(engine, completion)
+        async with aclosing(job.batches()) as batches:
+            async for batch in batches:
+                parts.extend(batch)
+        completion = job.completion
         text = "".join(parts)
         head = {"created": int(time.time()), "model": call.model}
         if kind == "chat":
@@ -82,17 +66,15 @@ class Serving:
                                  "finish_reason": completion.finish_reason,
                                  "message": {"role": "assistant", "content": text,
                                              "refusal": None}}],
-                    "usage": self._usage(completion), "system_fingerprint": None}
+                    "usage": _usage(completion), "system_fingerprint": None}
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", **head,
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": completion.finish_reason}],
-                "usage": self._usage(completion), "system_fingerprint": None}
+                "usage": _usage(completion), "system_fingerprint": None}
 
-    async def stream(self, call: ChatCall, kind: Kind, engine: TextEngine,
-                     prepared: Prepared) -> AsyncIterator[bytes]:
+    async def stream(self, call: ChatCall, kind: Kind, job: Job) -> AsyncIterator[bytes]:
         """SSE events.  Errors after the first byte arrive as an error event before
         ``[DONE]``.  Closing the iterator (client gone) stops generation within a token."""
-        completion = Completion()
         head: dict[str, Any] = {"created": int(time.time()), "model": call.model,
                                 "system_fingerprint": None}
         if kind == "chat":
@@ -117,18 +99,14 @@ class Serving:
             return _sse({**head, "choices": [choice]})
 
         try:
-            async with self.scheduler.admit(engine):
-                try:
-                    if kind == "chat":
-                        yield chunk("", None, role=True)
-                    async with aclosing(engine.stream(prepared, completion)) as batches:
-                        async for batch in batches:
-                            yield chunk("".join(batch), None)
-                finally:
-                    self._account(engine, completion)
-            yield chunk(None if kind == "chat" else "", completion.finish_reason)
+            if kind == "chat":
+                yield chunk("", None, role=True)
+            async with aclosing(job.batches()) as batches:
+                async for batch in batches:
+                    yield chunk("".join(batch), None)
+            yield chunk(None if kind == "chat" else "", job.completion.finish_reason)
             if call.include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage(completion)})
+                yield _sse({**head, "choices": [], "usage": _usage(job.completion)})
         except RequestError as exc:
             log.warning("stream failed: %s", exc)
             yield _sse(error_body(str(exc), "server_error", code=type(exc).__name__))

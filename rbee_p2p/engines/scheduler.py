@@ -49,6 +49,11 @@ class Scheduler:
     def engines(self) -> list[TextEngine]:
         return [slot.engine for slot in self._slots.values()]
 
+    def find(self, model: str) -> TextEngine | None:
+        """The engine serving ``model`` (name or alias) here, or None."""
+        name = self._names.get(model)
+        return None if name is None else self._slots[name].engine
+
     def lookup(self, model: str) -> TextEngine:
         """The engine serving ``model`` (name or alias).  Raises :class:`ModelNotFound`."""
         try:

@@ -112,15 +112,21 @@ class AuditLog:
             os.fsync(self._fd)
         return head
 
-    def append(self, *, now_ms: int, kind: str, outcome: str, **fields: Any) -> bytes:
-        """Append one record and fsync; returns its bytes.  Raises :class:`InvalidSchema`
-        for a bad field (nothing is written then)."""
+    def append(self, *, now_ms: int, kind: str, outcome: str, sync: bool = True,
+               **fields: Any) -> bytes:
+        """Append one record (and fsync unless ``sync`` is false: then call :meth:`sync`
+        before acknowledging it); returns its bytes.  Raises :class:`InvalidSchema` for a
+        bad field (nothing is written then)."""
         raw, head = append_record(self.key, self.head, now_ms=now_ms, kind=kind,
                                   outcome=outcome, **fields)
         os.write(self._fd, _HEADER.pack(len(raw)) + raw)
-        os.fsync(self._fd)
+        if sync:
+            os.fsync(self._fd)
         self.head = head
         return raw
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
 
     def records(self) -> Iterator[bytes]:
         """The records' bytes, oldest first (read from disk)."""

@@ -185,10 +185,10 @@ async def test_cancelling_a_stream_stops_generation_within_one_token(tmp_path, a
     from rbee_p2p.api.schemas import parse_chat
 
     call = parse_chat({**CHAT, "max_tokens": 100, "stream": True}, node.limits)
-    eng, prepared = node.serving.prepare(call)
+    job = await node.serving.start(call, "chat")
     received = 0
     with trio.CancelScope() as scope:
-        async for _ in node.serving.stream(call, "chat", eng, prepared):
+        async for _ in node.serving.stream(call, "chat", job):
             received += 1
             if received == 4:  # role chunk + 3 token chunks
                 scope.cancel()

@@ -1,0 +1,108 @@
+"""Dispatching between this node and (fake) peers: ranking, retries, errors."""
+
+import pytest
+
+from rbee_p2p.api.schemas import Limits, parse_chat
+from rbee_p2p.dispatch import Dispatcher, LocalJob, PeerUnavailable
+from rbee_p2p.engines.base import Completion
+from rbee_p2p.engines.fake import ScriptedEngine
+from rbee_p2p.engines.scheduler import Scheduler
+from rbee_p2p.errors import Busy, InvalidRequest, ModelNotFound
+from rbee_p2p.routing import Offer
+
+
+class FakeJob:
+    def __init__(self, peer):
+        self.where = peer
+        self.completion = Completion(completion_tokens=1, finish_reason="stop")
+
+    async def batches(self):
+        yield ["remote"]
+
+
+class FakeRemote:
+    def __init__(self, peers, fail=(), busy=(), bad=()):
+        self.peers, self.fail, self.busy, self.bad = peers, set(fail), set(busy), set(bad)
+        self.tried, self.failed = [], []
+
+    def offers(self, model):
+        return [Offer(peer_id=p, tokens_per_s=tps, queue_depth=0, active_jobs=0, max_queue=16)
+                for p, tps in self.peers.items()] if model == "m" else []
+
+    def serves(self, model):
+        return model == "m" and bool(self.peers)
+
+    async def start(self, peer_id, call, kind):
+        self.tried.append(peer_id)
+        if peer_id in self.fail:
+            raise PeerUnavailable("gone")
+        if peer_id in self.busy:
+            raise Busy("full")
+        if peer_id in self.bad:
+            raise InvalidRequest("context too long")
+        return FakeJob(peer_id)
+
+    def report_failure(self, peer_id):
+        self.failed.append(peer_id)
+
+
+def call(model="m", max_tokens=10):
+    return parse_chat({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": max_tokens}, Limits())
+
+
+def dispatcher(remote, local=True, busy_local=False):
+    engines = [ScriptedEngine("m")] if local else []
+    d = Dispatcher(Scheduler(engines), remote)
+    if busy_local:
+        d.tokens_per_s["m"] = 1.0  # measured as very slow: peers win
+    return d
+
+
+async def test_idle_local_wins_ties():
+    job = await dispatcher(FakeRemote({b"p": 0.0})).start(call(), "chat")
+    assert isinstance(job, LocalJob) and job.where is None
+
+
+async def test_faster_peer_wins_and_failures_move_on():
+    remote = FakeRemote({b"a": 500.0, b"b": 400.0}, fail=[b"a"])
+    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    assert job.where == b"b" and remote.tried == [b"a", b"b"] and remote.failed == [b"a"]
+
+
+async def test_all_peers_failing_falls_back_to_local():
+    remote = FakeRemote({b"a": 500.0}, fail=[b"a"])
+    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    assert job.where is None
+
+
+async def test_without_local_model_errors_surface():
+    remote = FakeRemote({b"a": 100.0}, fail=[b"a"])
+    with pytest.raises(PeerUnavailable):
+        await dispatcher(remote, local=False).start(call(), "chat")
+    with pytest.raises(Busy):
+        await dispatcher(FakeRemote({b"a": 1.0}, busy=[b"a"]), local=False).start(call(), "chat")
+
+
+async def test_a_bad_request_is_not_retried_elsewhere():
+    remote = FakeRemote({b"a": 500.0, b"b": 400.0}, bad=[b"a"])
+    with pytest.raises(InvalidRequest):
+        await dispatcher(remote, local=False).start(call(), "chat")
+    assert remote.tried == [b"a"]
+
+
+async def test_unknown_model_is_404_even_with_peers():
+    with pytest.raises(ModelNotFound):
+        await dispatcher(FakeRemote({b"a": 1.0})).start(call("nope"), "chat")
+
+
+async def test_remote_job_is_served_by_the_api(tmp_path, autojump_clock):
+    from rbee_p2p.config import NodeConfig
+    from rbee_p2p.node import Node
+
+    node = Node(NodeConfig(home=tmp_path, default_model=False), [], "peer")
+    node.dispatcher.remote = FakeRemote({b"a": 100.0})
+    client = node.app.test_client()
+    r = await client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert (await r.get_json())["choices"][0]["message"]["content"] == "remote"
