@@ -1,0 +1,417 @@
+"""Forwarding inference over ``/rbee/infer/1.0.0``: the executor's handler and the
+requester's remote job.
+
+One stream per job.  The requester writes a signed InferenceRequest, later maybe Cancel
+frames; the executor answers with ResultChunk frames (a batch of tokens each; an empty one
+as a heartbeat while there is nothing to send) and exactly one ResultEnd (carrying its
+signed receipt) or ErrorMessage.  A stream that ends without one failed: a SIGKILLed peer
+looks like a clean EOF.  The requester treats ``frame_timeout`` without any frame as a
+dead or frozen peer.  Both ends check every frame with the protocol's session machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import trio
+
+from ..api.schemas import ChatCall, Limits, parse_chat, parse_completion
+from ..dispatch import Kind, PeerUnavailable
+from ..engines.base import Completion, TextEngine
+from ..engines.scheduler import Scheduler
+from ..errors import (
+    Busy,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    RequestError,
+)
+from ..protocol.envelope import Verifier, seal
+from ..protocol.errors import ProtocolError
+from ..protocol.identity import NodeKey, peer_id_to_str
+from ..protocol.messages import (
+    Cancel,
+    ErrorMessage,
+    InferenceRequest,
+    Price,
+    Receipt,
+    ResultChunk,
+    ResultEnd,
+)
+from ..protocol.receipts import OutputDigest, digest, verify_receipt
+from ..protocol.session import InferenceSession
+from ..store.writer import AuditWriter
+from .frames import ByteStream, FrameStream, StreamGone
+
+__all__ = ["PROTOCOL_ID", "Timing", "Executor", "RemoteJob", "ERROR_CODES"]
+
+log = logging.getLogger(__name__)
+PROTOCOL_ID = "/rbee/infer/1.0.0"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_s: float = 1.0  # executor: send an empty chunk after this long without a frame
+    frame_timeout_s: float = 5.0  # requester: no frame for this long = the peer is gone
+    request_timeout_s: float = 10.0  # executor: the request frame must arrive by then
+    deadline_s: float = 600.0  # requester: the job is useless after this long
+
+
+# ErrorMessage codes <-> our error classes: the one translation table at this edge.
+ERROR_CODES: dict[type[RequestError], str] = {
+    InvalidRequest: "bad_request",
+    ModelNotFound: "model_not_found",
+    Busy: "busy",
+    EngineFailure: "internal",
+}
+
+
+def _error_for(message: ErrorMessage, peer: str) -> RequestError:
+    text = f"peer {peer[:16]}…: {message.message}"
+    if message.code == "bad_request":
+        return InvalidRequest(text)
+    if message.code == "busy":
+        return Busy(text, retry_after=(message.retry_after_ms or 1000) / 1000)
+    if message.code in ("model_not_found", "protocol", "deadline", "cancelled"):
+        return PeerUnavailable(text)  # its advert was stale, or it could not take the job
+    return EngineFailure(text)
+
+
+def _code_for(exc: RequestError) -> str:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_CODES:
+            return ERROR_CODES[cls]  # type: ignore[index]
+    return "internal"
+
+
+class Executor:
+    """Serves inference streams from peers on this node's engines."""
+
+    def __init__(self, key: NodeKey, verifier: Verifier, scheduler: Scheduler, limits: Limits,
+                 *, jurisdiction: str = "", audit: AuditWriter | None = None,
+                 timing: Timing = Timing(), max_frame: int = 1 << 20,
+                 on_done: Callable[[str, Completion, float | None], None] | None = None) -> None:
+        self.key = key
+        self.verifier = verifier
+        self.scheduler = scheduler
+        self.limits = limits
+        self.jurisdiction = jurisdiction
+        self.audit = audit
+        self.timing = timing
+        self.max_frame = max_frame
+        self.on_done = on_done
+        self.served = 0
+
+    async def handle(self, stream: ByteStream, remote: bytes) -> None:
+        """One inference stream from ``remote``.  Never raises (an escaping exception would
+        break the libp2p connection's accept loop)."""
+        frames = FrameStream(stream, self.max_frame)
+        try:
+            await self._handle(frames, remote)
+        except (StreamGone, trio.TooSlowError) as exc:
+            log.info("inference stream from %s ended early: %s", peer_id_to_str(remote)[:16], exc)
+            await frames.reset()
+        except Exception:
+            log.exception("inference stream from %s failed", peer_id_to_str(remote)[:16])
+            await frames.reset()
+        else:
+            await frames.close()
+
+    async def _send(self, frames: FrameStream, message: Any, ttl_ms: int = 60_000) -> None:
+        await frames.send(seal(self.key, message, now_ms=now_ms(), ttl_ms=ttl_ms))
+
+    async def _refuse(self, frames: FrameStream, code: str, text: str,
+                      request_id: bytes | None = None, retry_after_ms: int | None = None) -> None:
+        await self._send(frames, ErrorMessage(code=code, message=text[:1000], request_id=request_id,
+                                              retry_after_ms=retry_after_ms))
+
+    async def _handle(self, frames: FrameStream, remote: bytes) -> None:
+        with trio.fail_after(self.timing.request_timeout_s):
+            raw = await frames.receive()
+        try:
+            verified = self.verifier.verify(raw, now_ms(), expect=InferenceRequest, sender=remote)
+            request = verified.message
+            session = InferenceSession(request.request_id, remote, self.key.peer_id)
+            session.observe(remote, request)
+        except ProtocolError as exc:
+            await self._refuse(frames, "protocol", f"{exc.reason}: {exc}")
+            return
+        rid = request.request_id
+        try:
+            engine, call = self._accept(request)
+            prepared = engine.prepare(call.request)
+            self.scheduler.check(engine)
+        except RequestError as exc:
+            retry = int(exc.retry_after * 1000) if isinstance(exc, Busy) else None
+            await self._refuse(frames, _code_for(exc), str(exc), rid, retry)
+            await self._audit("execute", "rejected", request, remote, error_code=_code_for(exc))
+            return
+        await self._run(frames, remote, request, raw, engine, prepared, session)
+
+    def _accept(self, request: InferenceRequest) -> tuple[TextEngine, ChatCall]:
+        if request.deadline_ms < now_ms():
+            raise PeerUnavailable("the request's deadline has passed")
+        engine = self.scheduler.find(request.model)
+        if engine is None:
+            raise ModelNotFound(f"model {request.model} is not served here")
+        if request.model_digest is not None and request.model_digest != engine.card.digest:
+            raise ModelNotFound(f"model {request.model} here has another digest")
+        if request.kind not in ("chat", "completion"):
+            raise InvalidRequest(f"request kind {request.kind} is not served over the mesh yet")
+        parse = parse_chat if request.kind == "chat" else parse_completion
+        call = parse(dict(request.params), self.limits)
+        return engine, call
+
+    async def _run(self, frames: FrameStream, remote: bytes, request: InferenceRequest,
+                   request_raw: bytes, engine: TextEngine, prepared: Any,
+                   session: InferenceSession) -> None:
+        completion = Completion()
+        output = OutputDigest()
+        started = time.perf_counter()
+        first: float | None = None
+        state = {"seq": 0, "sent_tokens": 0, "last_send": trio.current_time()}
+        sending = trio.Lock()  # seq numbers are assigned and sent in one step
+
+        async def send(make: Callable[[int], Any], ttl_ms: int = 60_000) -> None:
+            async with sending:
+                await self._send(frames, make(state["seq"]), ttl_ms)
+                state["seq"] += 1
+                state["last_send"] = trio.current_time()
+
+        async def chunk(text: str, tokens: int) -> None:
+            await send(lambda seq: ResultChunk(request_id=request.request_id, seq=seq,
+                                               text=text, tokens=tokens))
+
+        async def heartbeat() -> None:
+            while True:
+                await trio.sleep(self.timing.heartbeat_s)
+                if trio.current_time() - state["last_send"] >= self.timing.heartbeat_s:
+                    await chunk("", 0)
+
+        async def watch_for_cancel(scope: trio.CancelScope) -> None:
+            try:
+                while True:
+                    raw = await frames.receive()
+                    message = self.verifier.verify(raw, now_ms(), expect=Cancel,
+                                                   sender=remote).message
+                    session.observe(remote, message)
+                    scope.cancel()
+            except (StreamGone, ProtocolError):
+                scope.cancel()  # the requester went away: stop generating
+
+        cancelled = False
+        failure: RequestError | None = None
+        async with trio.open_nursery() as nursery:
+            work = trio.CancelScope()
+            nursery.start_soon(watch_for_cancel, work)
+            nursery.start_soon(heartbeat)
+            with work:
+                try:
+                    async with self.scheduler.admit(engine):
+                        async with aclosing(engine.stream(prepared, completion)) as batches:
+                            async for batch in batches:
+                                if first is None:
+                                    first = time.perf_counter()
+                                text = "".join(batch)
+                                output.update(text)
+                                tokens = completion.completion_tokens - state["sent_tokens"]
+                                state["sent_tokens"] += tokens
+                                await chunk(text, tokens)
+                except RequestError as exc:
+                    failure = exc
+            cancelled = work.cancelled_caught
+            if cancelled:
+                completion.finish_reason = "cancelled"
+            if failure is None and completion.completion_tokens > state["sent_tokens"]:
+                # tokens that produced no text (e.g. a stop string): count them
+                await chunk("", completion.completion_tokens - state["sent_tokens"])
+            total_ms = int((time.perf_counter() - started) * 1000)
+            ttft_ms = int(((first or time.perf_counter()) - started) * 1000)
+            try:
+                if failure is not None:
+                    await self._audit("execute", "error", request, remote,
+                                      error_code=_code_for(failure), total_ms=total_ms)
+                    await self._refuse(frames, _code_for(failure), str(failure),
+                                       request.request_id)
+                else:
+                    receipt = Receipt(
+                        request_id=request.request_id, request_digest=digest(request_raw),
+                        requester=remote, model=request.model, model_digest=engine.card.digest,
+                        tokens_in=completion.prompt_tokens,
+                        tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
+                        total_ms=total_ms, price=0, jurisdiction=self.jurisdiction,
+                        output_digest=output.digest())
+                    receipt_raw = seal(self.key, receipt, now_ms=now_ms(), ttl_ms=0)
+                    await self._audit("execute", "cancelled" if cancelled else "ok", request,
+                                      remote, tokens_in=completion.prompt_tokens,
+                                      tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
+                                      total_ms=total_ms, receipt_sig=receipt_raw[-64:])
+                    await send(lambda seq: ResultEnd(
+                        request_id=request.request_id, seq=seq,
+                        finish_reason=completion.finish_reason or "stop", receipt=receipt_raw))
+            finally:
+                nursery.cancel_scope.cancel()
+                self.served += 1
+                if self.on_done is not None:
+                    self.on_done(engine.card.name, completion, first)
+
+    async def _audit(self, kind: str, outcome: str, request: InferenceRequest, remote: bytes,
+                     **fields: Any) -> None:
+        if self.audit is not None:
+            await self.audit.record(kind, outcome, request_id=request.request_id,
+                                    tenant_ref=request.tenant_ref, model=request.model,
+                                    entry_peer=remote, exec_peer=self.key.peer_id,
+                                    jurisdiction=self.jurisdiction or None, **fields)
+
+
+OpenStream = Callable[[bytes], Awaitable[ByteStream]]
+
+
+class RemoteJob:
+    """A job running on a peer.  Build with :meth:`start`; then iterate :meth:`batches`."""
+
+    def __init__(self, peer: bytes, frames: FrameStream, session: InferenceSession,
+                 request_raw: bytes, verifier: Verifier, timing: Timing,
+                 audit: AuditWriter | None, key: NodeKey, request: InferenceRequest) -> None:
+        self.where = peer
+        self.frames = frames
+        self.session = session
+        self.request_raw = request_raw
+        self.request = request
+        self.verifier = verifier
+        self.timing = timing
+        self.audit = audit
+        self.key = key
+        self.completion = Completion()
+        self.output = OutputDigest()
+        self.receipt: Receipt | None = None
+        self._first: list[str] | None = None
+        self._started = time.perf_counter()
+
+    @classmethod
+    async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall, kind: Kind, *,
+                    key: NodeKey, verifier: Verifier, timing: Timing = Timing(),
+                    max_frame: int = 1 << 20, audit: AuditWriter | None = None,
+                    connect_timeout_s: float = 3.0) -> RemoteJob:
+        """Open the stream, send the request, wait for the first token (or the end).
+
+        Raises :class:`PeerUnavailable` for anything that says "try another peer", or the
+        peer's verdict as a :class:`RequestError`.
+        """
+        name = peer_id_to_str(peer)
+        try:
+            with trio.fail_after(connect_timeout_s):
+                stream = await open_stream(peer)
+        except Exception as exc:
+            raise PeerUnavailable(f"cannot open a stream to {name[:16]}…: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        frames = FrameStream(stream, max_frame)
+        request = InferenceRequest(
+            request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
+            params=call.body, stream=call.stream, max_tokens=call.request.max_tokens,
+            deadline_ms=now_ms() + int(timing.deadline_s * 1000))
+        raw = seal(key, request, now_ms=now_ms())
+        session = InferenceSession(request.request_id, key.peer_id, peer)
+        session.observe(key.peer_id, request)
+        job = cls(peer, frames, session, raw, verifier, timing, audit, key, request)
+        try:
+            await frames.send(raw)
+            job._first = await job._next_batch()
+        except StreamGone as exc:
+            await frames.reset()
+            raise PeerUnavailable(f"{name[:16]}… went away before the first token: {exc}") \
+                from None
+        except BaseException:
+            await frames.reset()
+            raise
+        return job
+
+    async def _next_batch(self) -> list[str] | None:
+        """The next non-empty batch of text, or None at the end.  Raises StreamGone,
+        PeerUnavailable (silence) or the peer's error."""
+        while True:
+            with trio.move_on_after(self.timing.frame_timeout_s) as scope:
+                raw = await self.frames.receive()
+            if scope.cancelled_caught:
+                raise PeerUnavailable(f"no frame from {peer_id_to_str(self.where)[:16]}… for "
+                                      f"{self.timing.frame_timeout_s:.0f} s (dead or frozen)")
+            try:
+                verified = self.verifier.verify(raw, now_ms(), sender=self.where)
+                message = verified.message
+                self.session.observe(self.where, message)
+            except ProtocolError as exc:
+                raise PeerUnavailable(f"protocol error from peer: {exc.reason}: {exc}") from None
+            if isinstance(message, ResultChunk):
+                self.output.update(message.text, message.data)
+                if message.text:
+                    return [message.text]
+                continue  # heartbeat, or tokens without text
+            if isinstance(message, ResultEnd):
+                self._finish(message)
+                return None
+            if isinstance(message, ErrorMessage):
+                raise _error_for(message, peer_id_to_str(self.where))
+            raise PeerUnavailable(f"unexpected {type(message).__name__} from peer")
+
+    def _finish(self, end: ResultEnd) -> None:
+        try:
+            receipt = verify_receipt(end.receipt, request_raw=self.request_raw,
+                                     executor=self.where, output_digest=self.output.digest(),
+                                     tokens_out=self.session.tokens_out)
+        except ProtocolError as exc:
+            raise EngineFailure(f"the peer's receipt does not verify: {exc}") from None
+        self.receipt = receipt
+        self.receipt_sig = end.receipt[-64:]
+        self.completion.prompt_tokens = receipt.tokens_in
+        self.completion.completion_tokens = receipt.tokens_out
+        self.completion.finish_reason = end.finish_reason
+
+    async def batches(self) -> AsyncIterator[list[str]]:
+        outcome = "error"
+        try:
+            if self._first is not None:
+                yield self._first
+                while (batch := await self._next_batch()) is not None:
+                    yield batch
+            outcome = "ok"
+        except StreamGone as exc:
+            raise EngineFailure(f"peer {peer_id_to_str(self.where)[:16]}… failed mid-stream: "
+                                f"{exc}") from None
+        finally:
+            if outcome != "ok" and not self.session.finished:
+                outcome = "cancelled"
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await self.frames.send(seal(self.key, Cancel(
+                            request_id=self.request.request_id, reason="client went away"),
+                            now_ms=now_ms()))
+                    except StreamGone:
+                        pass
+                await self.frames.reset()
+            else:
+                await self.frames.close()
+            await self._audit(outcome)
+
+    async def _audit(self, outcome: str) -> None:
+        if self.audit is None:
+            return
+        r = self.receipt
+        with trio.CancelScope(shield=True):
+            await self.audit.record(
+                "forward", outcome, request_id=self.request.request_id, model=self.request.model,
+                entry_peer=self.key.peer_id, exec_peer=self.where,
+                model_digest=r.model_digest if r else None,
+                jurisdiction=(r.jurisdiction or None) if r else None,
+                tokens_in=r.tokens_in if r else None, tokens_out=r.tokens_out if r else None,
+                ttft_ms=r.ttft_ms if r else None,
+                total_ms=int((time.perf_counter() - self._started) * 1000),
+                receipt_sig=self.receipt_sig if r else None)

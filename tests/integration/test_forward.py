@@ -1,0 +1,161 @@
+"""Forwarding over an in-memory stream: the executor and the remote job, both real."""
+
+from contextlib import aclosing
+
+import pytest
+import samples
+import trio
+import trio.testing
+
+from rbee_p2p.api.schemas import Limits, parse_chat
+from rbee_p2p.dispatch import PeerUnavailable
+from rbee_p2p.engines.fake import ScriptedEngine
+from rbee_p2p.engines.scheduler import Scheduler
+from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest
+from rbee_p2p.mesh.forward import Executor, RemoteJob, Timing
+from rbee_p2p.protocol.envelope import Verifier
+
+A, B = samples.key_a(), samples.key_b()  # A asks, B executes
+TIMING = Timing(heartbeat_s=1.0, frame_timeout_s=5.0, request_timeout_s=10.0)
+
+
+class Mem:
+    """A trio in-memory stream with the libp2p stream methods."""
+
+    def __init__(self, stream):
+        self.s = stream
+
+    async def read(self, n=65536):
+        return await self.s.receive_some(n)
+
+    async def write(self, data):
+        await self.s.send_all(data)
+
+    async def close(self):
+        await self.s.aclose()
+
+    async def reset(self):
+        await self.s.aclose()
+
+
+class Audit:
+    def __init__(self):
+        self.records = []
+
+    async def record(self, kind, outcome, **fields):
+        self.records.append((kind, outcome, fields))
+
+
+def call(max_tokens=6, **body):
+    return parse_chat({"model": "fake", "messages": [{"role": "user", "content": "hi there"}],
+                       "max_tokens": max_tokens, **body}, Limits())
+
+
+@pytest.fixture
+def mesh(nursery):
+    """Returns start(call, engine=..., serve=True) -> RemoteJob against an executor on B."""
+    audits = {"A": Audit(), "B": Audit()}
+
+    async def start(c, engine=None, serve=True, scheduler=None):
+        engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
+        scheduler = scheduler or Scheduler([engine])
+        executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction="EU",
+                            audit=audits["B"], timing=TIMING)
+
+        async def open_stream(peer):
+            left, right = trio.testing.memory_stream_pair()
+            if serve:
+                nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+            return Mem(left)
+
+        job = await RemoteJob.start(B.peer_id, open_stream, c, "chat", key=A, verifier=Verifier(),
+                                    timing=TIMING, audit=audits["A"])
+        return job, engine, executor
+
+    start.audits = audits
+    return start
+
+
+async def collect(job):
+    out = []
+    async with aclosing(job.batches()) as batches:
+        async for batch in batches:
+            out += batch
+    return "".join(out)
+
+
+async def test_forwarded_job_streams_and_the_receipt_verifies(mesh, autojump_clock):
+    job, engine, _ = await mesh(call())
+    assert await collect(job) == "alpha beta gamma alpha beta gamma"
+    assert job.completion.completion_tokens == 6 and job.completion.finish_reason == "length"
+    assert job.receipt.jurisdiction == "EU" and job.receipt.tokens_out == 6
+    await trio.sleep(0.1)
+    (kind_a, outcome_a, fa), = mesh.audits["A"].records
+    (kind_b, outcome_b, fb), = mesh.audits["B"].records
+    assert (kind_a, outcome_a, kind_b, outcome_b) == ("forward", "ok", "execute", "ok")
+    assert fa["receipt_sig"] == fb["receipt_sig"] and fa["exec_peer"] == B.peer_id
+    assert fb["entry_peer"] == A.peer_id and fb["tokens_out"] == 6
+
+
+async def test_stop_string_tokens_still_add_up(mesh, autojump_clock):
+    job, _, _ = await mesh(call(stop="gamma"))
+    assert await collect(job) == "alpha beta"
+    assert job.completion.finish_reason == "stop" and job.completion.completion_tokens == 3
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda: call(model="other"), PeerUnavailable),  # not served there: try another peer
+    (lambda: call(max_tokens=600), InvalidRequest),  # the peer's verdict: our request is bad
+])
+async def test_refusals(mesh, autojump_clock, make, error):
+    c = make()
+    if c.model == "other":
+        c = parse_chat({**c.body, "model": "other"}, Limits())
+    with pytest.raises(error):
+        await mesh(c)
+    await trio.sleep(0.1)
+    assert mesh.audits["A"].records == []
+
+
+async def test_busy_peer(mesh, autojump_clock, nursery):
+    engine = ScriptedEngine("fake", token_seconds=10)
+    scheduler = Scheduler([engine], max_queue=0)
+    nursery.start_soon(lambda: mesh(call(max_tokens=50), engine=engine, scheduler=scheduler))
+    await trio.sleep(1)
+    with pytest.raises(Busy):
+        await mesh(call(), engine=engine, scheduler=scheduler)
+
+
+async def test_silent_peer_is_detected_by_the_frame_timeout(mesh, autojump_clock):
+    start = trio.current_time()
+    with pytest.raises(PeerUnavailable, match="dead or frozen"):
+        await mesh(call(), serve=False)
+    assert trio.current_time() - start == pytest.approx(TIMING.frame_timeout_s, abs=0.1)
+
+
+async def test_heartbeats_keep_a_slow_job_alive(mesh, autojump_clock):
+    slow = ScriptedEngine("fake", script="slow words", token_seconds=7.0)  # > frame timeout
+    job, _, _ = await mesh(call(max_tokens=3), engine=slow)
+    assert await collect(job) == "slow words slow"
+
+
+async def test_cancel_stops_the_peer_generation(mesh, autojump_clock):
+    engine = ScriptedEngine("fake", token_seconds=0.5, batch=1)
+    job, _, executor = await mesh(call(max_tokens=100), engine=engine)
+    got = 0
+    async with aclosing(job.batches()) as batches:
+        async for _ in batches:
+            got += 1
+            if got == 3:
+                break
+    await trio.sleep(5)
+    assert engine.generated <= 3 + 2  # in flight when the cancel arrived, plus one
+    assert executor.served == 1
+    outcomes = [(k, o) for k, o, _ in mesh.audits["B"].records + mesh.audits["A"].records]
+    assert ("forward", "cancelled") in outcomes and ("execute", "cancelled") in outcomes
+
+
+async def test_engine_failure_mid_stream_becomes_an_error(mesh, autojump_clock):
+    job, _, _ = await mesh(call(max_tokens=20), engine=ScriptedEngine("fake", fail_at=5, batch=1))
+    with pytest.raises(EngineFailure):
+        await collect(job)
