@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 from typing import Sequence
 
 from . import __version__
@@ -40,7 +41,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {"host": args.host, "port": args.port,
              "default_model": False if args.no_default_model else None,
-             "models": [parse_model_arg(m) for m in args.model]}
+             "models": [parse_model_arg(m) for m in args.model],
+             "p2p_listen": args.p2p_listen or None, "peers": args.peer or None,
+             "bootstrap": args.bootstrap or None, "swarm": args.swarm,
+             "mdns": False if args.no_mdns else None, "dht": False if args.no_dht else None,
+             "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction}
     config = load_config(args.config, flags=flags)
     try:
         trio.run(run_node, config)
@@ -50,17 +55,45 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _fetch_status(url: str) -> dict[str, Any] | None:
     import json
     import urllib.error
     import urllib.request
 
-    url = args.url.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{url}/rbee/status", timeout=10) as response:
-            status = json.load(response)
+        with urllib.request.urlopen(f"{url.rstrip('/')}/rbee/status", timeout=10) as response:
+            status: dict[str, Any] = json.load(response)
+            return status
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"rbee-node: cannot reach a node at {url}: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    import json
+
+    status = _fetch_status(args.url)
+    if status is None:
+        return 1
+    if args.json:
+        print(json.dumps(status.get("peers", []), indent=2))
+        return 0
+    peers = status.get("peers", [])
+    print(f"{len(peers)} peer(s) in swarm {status.get('swarm', '?')!r} seen by "
+          f"{status['peer_id']}")
+    for p in peers:
+        print(f"  {p['id']}  {p['state']:<7}  models: {', '.join(p['models']) or '-'}  "
+              f"queue {p['queue_depth']}  active {p['active_jobs']}  "
+              f"advert {p['last_advert_age_s']:.1f}s ago  {p['jurisdiction'] or ''}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    url = args.url.rstrip("/")
+    status = _fetch_status(url)
+    if status is None:
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
@@ -69,6 +102,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"version  {status['version']}")
     print(f"api      {status.get('url', url + '/v1')}")
     print(f"uptime   {status.get('uptime_s', 0):.0f}s")
+    for addr in status.get("addrs", []):
+        print(f"p2p      {addr}")
+    print(f"peers    {len(status.get('peers', []))} (rbee-node peers for the list)")
     print("models")
     for m in status["models"]:
         aliases = f" (also {', '.join(m['aliases'])})" if m.get("aliases") else ""
@@ -98,8 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
                               "file's stem")
     p_start.add_argument("--no-default-model", action="store_true",
                          help="do not serve the embedded SmolLM2-135M model")
+    mesh = p_start.add_argument_group("mesh")
+    mesh.add_argument("--p2p-listen", action="append", default=[], metavar="MULTIADDR",
+                      help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/7834)")
+    mesh.add_argument("--peer", action="append", default=[], metavar="MULTIADDR",
+                      help="a static peer, /ip4/…/tcp/…/p2p/<id> (repeatable)")
+    mesh.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                      help="a DHT bootstrap node (repeatable)")
+    mesh.add_argument("--swarm", metavar="NAME", help="swarm name (default 'default')")
+    mesh.add_argument("--jurisdiction", metavar="CODE",
+                      help="what this node's advert claims, e.g. EU or US")
+    mesh.add_argument("--no-mdns", action="store_true", help="no mDNS discovery on the LAN")
+    mesh.add_argument("--no-dht", action="store_true", help="no Kademlia DHT discovery")
+    mesh.add_argument("--no-p2p", action="store_true", help="no mesh at all: a lone node")
     p_start.add_argument("-v", "--verbose", action="store_true", help="log more")
     p_start.set_defaults(func=_cmd_start)
+
+    p_peers = sub.add_parser("peers", help="list the peers a running node sees")
+    p_peers.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                         help="the node's base URL")
+    p_peers.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p_peers.set_defaults(func=_cmd_peers)
 
     p_status = sub.add_parser("status", help="show a running node's status")
     p_status.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",

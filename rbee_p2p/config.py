@@ -79,6 +79,21 @@ class NodeConfig:
     max_tokens: int = 4096  # the most tokens one request may ask for
     default_max_tokens: int = 512  # when a request does not say
     home: Path = field(default_factory=data_dir)
+    # -- the mesh --
+    p2p: bool = True  # run the libp2p host (false: a single, unconnected node)
+    p2p_listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7834",)
+    peers: tuple[str, ...] = ()  # static peers (multiaddrs ending in /p2p/<peer id>)
+    bootstrap: tuple[str, ...] = ()  # DHT bootstrap nodes (same form)
+    swarm: str = "default"
+    mdns: bool = True
+    dht: bool = True
+    psk: str | None = None  # private swarm: a pre-shared key or passphrase
+    allow_peers: tuple[str, ...] | None = None  # private swarm: only these peer IDs
+    jurisdiction: str = ""  # what this node's advert claims, e.g. "EU"
+    mdns_interfaces: tuple[str, ...] = ()  # interface names or addresses; empty: all
+    advert_interval: float = 1.0  # seconds between adverts when nothing changes
+    suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
+    dead_after: float = 8.0  # ... and dead (dropped from routing)
 
     def served_models(self) -> tuple[ModelSpec, ...]:
         """The configured models plus the embedded default (unless disabled or shadowed)."""
@@ -124,12 +139,22 @@ def _model_from_table(item: Any, where: str) -> ModelSpec:
 
 
 _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
-            "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int}
+            "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int,
+            "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
+            "jurisdiction": str, "advert_interval": float, "suspect_after": float,
+            "dead_after": float}
+_LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
-        "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS"}
+        "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS",
+        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION"}
 
 
 def _convert(key: str, value: Any, where: str) -> Any:
+    if key in _LISTS:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}: {key} must be a list of strings")
+        return tuple(i.strip() for i in items if i.strip())
     kind = _SCALARS[key]
     if kind is bool:
         if isinstance(value, bool):
@@ -170,7 +195,7 @@ def load_config(
             if key == "models":
                 models += [_model_from_table(m, f"{file} models[{i}]")
                            for i, m in enumerate(value)]
-            elif key in _SCALARS:
+            elif key in _SCALARS or key in _LISTS:
                 values[key] = _convert(key, value, str(file))
             else:
                 raise ConfigError(f"{file}: unknown setting {key!r}")
@@ -185,6 +210,10 @@ def load_config(
     config = replace(NodeConfig(), **values, models=tuple(models))
     if not 0 < config.port < 65536:
         raise ConfigError(f"port {config.port} is out of range")
+    if not 0 < config.suspect_after < config.dead_after:
+        raise ConfigError("need 0 < suspect_after < dead_after")
+    if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:
+        raise ConfigError("jurisdiction is at most 8 bytes (e.g. EU), swarm at most 128")
     if len({m.name for m in config.served_models()}) != len(config.served_models()):
         raise ConfigError("two models have the same name; name them with NAME=PATH")
     return config

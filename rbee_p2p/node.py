@@ -15,12 +15,19 @@ from . import __version__
 from .api.app import create_app
 from .api.schemas import Limits
 from .api.serving import Serving
-from .config import NodeConfig, key_path
-from .engines.base import TextEngine, file_digest
+from .config import NodeConfig, audit_path, key_path
 from .dispatch import Dispatcher
+from .engines.base import TextEngine, file_digest
 from .engines.scheduler import Scheduler
 from .errors import ConfigError
+from .mesh.forward import Executor
+from .mesh.service import LocalInfo, Mesh, MeshConfig
+from .protocol.envelope import Verifier
+from .protocol.identity import NodeKey
+from .protocol.messages import DeviceInfo, ModelInfo
+from .store.audit import AuditLog
 from .store.keys import load_or_create_key
+from .store.writer import AuditWriter
 
 __all__ = ["Node", "run_node", "load_engines"]
 
@@ -56,15 +63,20 @@ async def load_engines(config: NodeConfig) -> list[TextEngine]:
 
 
 class Node:
-    """A running node's state, shared by the HTTP layer (and, later, the mesh)."""
+    """A running node's state, shared by the HTTP layer and the mesh."""
 
     def __init__(self, config: NodeConfig, engines: list[TextEngine],
-                 peer_id: str = "") -> None:
+                 peer_id: str = "", *, key: NodeKey | None = None,
+                 audit: AuditWriter | None = None) -> None:
         self.config = config
-        self.peer_id = peer_id
+        self.key = key
+        self.peer_id = key.peer_id_str if key is not None else peer_id
+        self.audit = audit
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
         self.dispatcher = Dispatcher(self.scheduler)
         self.serving = Serving(self.dispatcher)
+        self.mesh: Mesh | None = None
+        self._devices: tuple[DeviceInfo, ...] | None = None
         self.started = time.time()
         self.limits = Limits(max_tokens=config.max_tokens,
                              default_max_tokens=config.default_max_tokens)
@@ -84,9 +96,59 @@ class Node:
                 "tokens_generated": self.dispatcher.tokens_generated.get(card.name, 0),
                 "tokens_per_s": round(self.dispatcher.tokens_per_s.get(card.name, 0.0), 1),
             })
-        return {"peer_id": self.peer_id, "version": __version__,
-                "url": f"http://{self.config.host}:{self.config.port}/v1",
-                "uptime_s": round(time.time() - self.started, 1), "models": models}
+        status: dict[str, Any] = {
+            "peer_id": self.peer_id, "version": __version__,
+            "url": f"http://{self.config.host}:{self.config.port}/v1",
+            "uptime_s": round(time.time() - self.started, 1), "models": models,
+            "addrs": [], "peers": []}
+        if self.mesh is not None:
+            status.update(self.mesh.status())
+        return status
+
+    # -- the mesh -----------------------------------------------------------------------
+
+    def devices(self) -> tuple[DeviceInfo, ...]:
+        if self._devices is None:
+            try:
+                from .engines.hardware import device_infos, probe
+
+                self._devices = tuple(device_infos(probe(use_torch=False)))
+            except Exception:  # the probe is best effort; never stop a node for it
+                log.exception("hardware probe failed; advertising the CPU only")
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                self._devices = (DeviceInfo(id="cpu", backend="cpu", name="cpu",
+                                            mem_total=total, mem_free=total),)
+        return self._devices
+
+    def local_info(self) -> LocalInfo:
+        """What this node offers now, for its capability advert."""
+        models, queued, active = [], 0, 0
+        for engine in self.scheduler.engines:
+            card, load = engine.card, self.scheduler.load(engine.card.name)
+            queued, active = queued + load.queue_depth, active + load.active
+            models.append(ModelInfo(
+                name=card.name[:128], digest=card.digest, modality=card.modality,
+                context=card.context, size_bytes=card.size_bytes, device=card.device[:32],
+                tokens_per_s=round(self.dispatcher.tokens_per_s.get(card.name, 0.0), 1)))
+        return LocalInfo(models=tuple(models), devices=self.devices(), queue_depth=queued,
+                         active_jobs=active, max_queue=self.config.max_queue)
+
+    def build_mesh(self) -> Mesh:
+        assert self.key is not None
+        c = self.config
+        verifier = Verifier()
+        executor = Executor(self.key, verifier, self.scheduler, self.limits,
+                            jurisdiction=c.jurisdiction, audit=self.audit,
+                            on_done=self.dispatcher.account)
+        mesh_config = MeshConfig(
+            listen=c.p2p_listen, peers=c.peers, bootstrap=c.bootstrap, swarm=c.swarm,
+            mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,
+            jurisdiction=c.jurisdiction, advert_interval_s=c.advert_interval,
+            suspect_after_s=c.suspect_after, dead_after_s=c.dead_after,
+            mdns_interfaces=c.mdns_interfaces)
+        self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
+        self.dispatcher.remote = self.mesh
+        return self.mesh
 
 
 async def _serve_http(node: Node, shutdown: trio.Event,
@@ -117,31 +179,55 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
     """Run a node until SIGINT/SIGTERM (or ``shutdown`` is set); in-flight requests then get
     hypercorn's graceful timeout (10 s) to finish before they are cancelled."""
     key = load_or_create_key(key_path(config.home))
-    engines = await load_engines(config)
-    node = Node(config, engines, key.peer_id_str)
+    audit_log = AuditLog(audit_path(config.home), key)
+    writer = AuditWriter(audit_log)
+    engines: list[TextEngine] = []
     shutdown = shutdown or trio.Event()
     try:
-        async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as services:
+            await services.start(writer.run)
+            helpers: list[trio.CancelScope] = []  # signals, the mesh: stopped after HTTP
+            engines = await load_engines(config)
+            node = Node(config, engines, key=key, audit=writer)
             if handle_signals:
-                outer.start_soon(_wait_for_signal, shutdown)
-            async with trio.open_nursery() as inner:
-                await inner.start(_serve_http, node, shutdown)
+                await services.start(_in_scope, helpers, _wait_for_signal, shutdown)
+            if config.p2p:
+                await services.start(_in_scope, helpers, node.build_mesh().run)
+            async with trio.open_nursery() as http:
+                await http.start(_serve_http, node, shutdown)
                 print(f"rbee-node {__version__} peer {node.peer_id}", flush=True)
+                if node.mesh is not None:
+                    print(f"mesh: swarm {config.swarm!r} on {', '.join(node.mesh.addrs())}",
+                          flush=True)
                 print(f"serving {', '.join(e.card.name for e in engines) or 'no models'} "
                       f"on {node.status()['url']}", flush=True)
                 if on_ready:
                     on_ready(node)
             # hypercorn returned: the shutdown trigger fired and in-flight requests ended
-            outer.cancel_scope.cancel()
+            for scope in helpers:
+                scope.cancel()
+            writer.close()  # the writer drains its queue, then its task ends
     finally:
         with trio.CancelScope(shield=True):
             for engine in engines:
                 await engine.aclose()
+        audit_log.close()
     print("rbee-node stopped", flush=True)
 
 
-async def _wait_for_signal(shutdown: trio.Event) -> None:
+async def _in_scope(scopes: list[trio.CancelScope], fn: Callable[..., Any], *args: Any,
+                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``fn(*args, task_status=...)`` in a cancel scope added to ``scopes``, so that it
+    can be stopped apart from its nursery."""
+    with trio.CancelScope() as scope:
+        scopes.append(scope)
+        await fn(*args, task_status=task_status)
+
+
+async def _wait_for_signal(shutdown: trio.Event,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             if shutdown.is_set():
                 log.warning("second signal: exiting now")

@@ -18,17 +18,31 @@ def free_port() -> int:
 
 
 class NodeProcess:
-    def __init__(self, home: Path, *args: str, port: int | None = None) -> None:
+    """``rbee-node start`` on 127.0.0.1 (HTTP and libp2p), mDNS off unless asked for."""
+
+    def __init__(self, home: Path, *args: str, port: int | None = None,
+                 p2p_port: int | None = None, prefix: tuple[str, ...] = (),
+                 env_psk: str | None = None) -> None:
         self.port = port or free_port()
+        self.p2p_port = p2p_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / "node.log"
         home.mkdir(parents=True, exist_ok=True)
         exe = shutil.which("rbee-node")
         assert exe, "rbee-node is not installed (pip install -e .)"
+        env = {**os.environ, "RBEE_HOME": str(home)}
+        if env_psk is not None:
+            env["RBEE_PSK"] = env_psk
+        self.peer_id = subprocess.run([exe, "id"], env=env, capture_output=True, text=True,
+                                      timeout=60, check=True).stdout.strip()
+        self.addr = f"/ip4/127.0.0.1/tcp/{self.p2p_port}/p2p/{self.peer_id}"
         self._out = open(self.log, "wb")
+        mdns = () if "--mdns" in args else ("--no-mdns",)
+        args = tuple(a for a in args if a != "--mdns")
         self.proc = subprocess.Popen(
-            [exe, "start", "--port", str(self.port), *args], stdout=self._out,
-            stderr=subprocess.STDOUT, env={**os.environ, "RBEE_HOME": str(home)})
+            [*prefix, exe, "start", "--port", str(self.port), "--p2p-listen",
+             f"/ip4/127.0.0.1/tcp/{self.p2p_port}", *mdns, *args], stdout=self._out,
+            stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -53,3 +67,19 @@ class NodeProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._out.close()
+
+    def status(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/rbee/status", timeout=10).json()
+
+    def wait_for(self, predicate, timeout: float = 30, what: str = "condition") -> dict:
+        """Poll /rbee/status until ``predicate(status)``; bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {status}")
+            time.sleep(0.1)

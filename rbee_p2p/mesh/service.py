@@ -1,0 +1,359 @@
+"""The mesh service: a libp2p host in the node's nursery, adverts over GossipSub, the peer
+table, discovery (static peers, Kademlia DHT, mDNS) and remote jobs for the dispatcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+from .. import __version__
+from ..api.schemas import ChatCall
+from ..dispatch import Kind, PeerUnavailable
+from ..protocol.envelope import Verifier, seal
+from ..protocol.errors import ProtocolError
+from ..protocol.identity import NodeKey, peer_id_to_str
+from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
+from ..protocol.peers import PeerState, PeerTable
+from ..routing import Offer
+from ..store.writer import AuditWriter
+from .forward import PROTOCOL_ID, Executor, RemoteJob, Timing
+from .host import build_host, psk_from_secret
+
+__all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key"]
+
+log = logging.getLogger(__name__)
+
+
+def advert_topic(swarm: str) -> str:
+    return f"rbee/{swarm}/adverts/1"
+
+
+def rendezvous_key(swarm: str) -> str:
+    """The DHT provider key under which a swarm's nodes find each other."""
+    return hashlib.sha256(f"/rbee/swarm/{swarm}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7834",)
+    peers: tuple[str, ...] = ()  # static peers: multiaddrs with /p2p/<id>
+    bootstrap: tuple[str, ...] = ()  # DHT bootstrap nodes
+    swarm: str = "default"
+    mdns: bool = True
+    dht: bool = True
+    psk: str | None = None  # private swarm: pre-shared key (libp2p pnet)
+    allow: tuple[str, ...] | None = None  # private swarm: peer-ID allowlist
+    jurisdiction: str = ""
+    advert_interval_s: float = 1.0
+    suspect_after_s: float = 3.0
+    dead_after_s: float = 8.0
+    mdns_interfaces: tuple[str, ...] = ()  # empty: all
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass(frozen=True)
+class LocalInfo:
+    """What this node offers right now (for its advert)."""
+
+    models: tuple[ModelInfo, ...]
+    devices: tuple[DeviceInfo, ...]
+    queue_depth: int
+    active_jobs: int
+    max_queue: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Mesh:
+    """Implements ``dispatch.Remote``.  Run with ``await nursery.start(mesh.run)``."""
+
+    def __init__(self, config: MeshConfig, key: NodeKey, local: Callable[[], LocalInfo],
+                 executor: Executor, verifier: Verifier, audit: AuditWriter | None = None) -> None:
+        self.config = config
+        self.key = key
+        self.local = local
+        self.executor = executor
+        self.verifier = verifier
+        self.audit = audit
+        self.table = PeerTable(self_id=key.peer_id, swarm=config.swarm,
+                               suspect_after_ms=int(config.suspect_after_s * 1000),
+                               dead_after_ms=int(config.dead_after_s * 1000))
+        self.host: Any = None
+        self.pubsub: Any = None
+        self.dht: Any = None
+        self._seq = 0
+        self._dialing: set[bytes] = set()
+        self.started = trio.Event()
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID as GS10
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        cfg = self.config
+        psk = psk_from_secret(cfg.psk) if cfg.psk else None
+        allow = None
+        if cfg.allow is not None:
+            from ..protocol.identity import peer_id_from_str
+
+            allow = [peer_id_from_str(p) for p in cfg.allow]
+        self.host = host = build_host(self.key, cfg.listen, psk=psk, allow=allow)
+        router = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, GS10], degree=6,
+                           degree_low=4, degree_high=12, heartbeat_interval=1,
+                           heartbeat_initial_delay=0.1)
+        self.pubsub = pubsub = Pubsub(host, router, strict_signing=True)
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in cfg.listen]):
+            host.set_stream_handler(PROTOCOL_ID, self._on_stream)
+            async with background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                subscription = await pubsub.subscribe(advert_topic(cfg.swarm))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive_adverts, subscription)
+                    nursery.start_soon(self._publish_adverts)
+                    nursery.start_soon(self._age_table)
+                    if cfg.peers:
+                        nursery.start_soon(self._keep_static_peers)
+                    if cfg.dht:
+                        nursery.start_soon(self._run_dht)
+                    if cfg.mdns:
+                        from .mdns import run_mdns
+
+                        nursery.start_soon(run_mdns, self, cfg.mdns_interfaces)
+                    log.info("mesh up as %s on %s", self.key.peer_id_str, self.addrs())
+                    self.started.set()
+                    task_status.started()
+                    await trio.sleep_forever()
+
+    async def _on_stream(self, stream: Any) -> None:
+        remote = stream.muxed_conn.peer_id.to_bytes()
+        await self.executor.handle(stream, remote)
+
+    def addrs(self) -> list[str]:
+        """Our dialable multiaddrs, each ending in /p2p/<id>."""
+        if self.host is None:
+            return []
+        out = []
+        for addr in self.host.get_addrs():
+            text = str(addr)
+            if "/ip4/0.0.0.0/" in text:
+                out += [text.replace("0.0.0.0", ip) for ip in _local_ipv4()]
+            else:
+                out.append(text)
+        return out
+
+    # -- adverts ------------------------------------------------------------------------
+
+    def _advert(self) -> CapabilityAdvert:
+        info = self.local()
+        self._seq = max(self._seq + 1, now_ms())  # survives restarts: newer than before
+        return CapabilityAdvert(
+            swarm=self.config.swarm, seq=self._seq, version=__version__,
+            addrs=tuple(self.addrs()[:16]), models=info.models[:64], devices=info.devices[:16],
+            queue_depth=info.queue_depth, active_jobs=info.active_jobs, max_queue=info.max_queue,
+            jurisdiction=self.config.jurisdiction, price=Price())
+
+    async def _publish_adverts(self) -> None:
+        """Every ``advert_interval``, and within 0.25 s of a change in what we offer (at most
+        4 a second: GossipSub drops bursts above 10/s per peer and topic)."""
+        topic = advert_topic(self.config.swarm)
+        last_info: LocalInfo | None = None
+        last_sent = -1e9
+        while True:
+            info = self.local()
+            now = trio.current_time()
+            if info != last_info or now - last_sent >= self.config.advert_interval_s:
+                data = seal(self.key, self._advert(), now_ms=now_ms(),
+                            ttl_ms=int(self.config.dead_after_s * 1000) + 5000)
+                try:
+                    await self.pubsub.publish(topic, data)
+                except Exception as exc:
+                    log.debug("advert publish failed: %s", exc)
+                last_info, last_sent = info, now
+            await trio.sleep(0.25)
+
+    async def _receive_adverts(self, subscription: Any) -> None:
+        async for message in subscription:
+            try:
+                sender = ID(message.from_id).to_bytes()
+                if sender == self.key.peer_id:
+                    continue  # GossipSub hands us our own adverts too
+                verified = self.verifier.verify(message.data, now_ms(), expect=CapabilityAdvert,
+                                                sender=sender)
+                before = self.table.peers.get(sender)
+                was = before.state if before is not None else None
+                entry = self.table.apply_advert(verified, now_ms())
+                if was is not PeerState.ALIVE:
+                    # back (or new): forget libp2p's 60 s "recently failed" dial cache
+                    self.host.get_network().unblock_peer(ID(sender))
+            except ProtocolError as exc:
+                if exc.reason not in ("stale", "replayed"):
+                    log.info("advert refused: %s: %s", exc.reason, exc)
+                if exc.reason == "replayed":
+                    self.table.count_invalid("replayed")
+                continue
+            except Exception as exc:  # a malformed pubsub message
+                self.table.count_invalid("malformed")
+                log.info("advert refused: %s", exc)
+                continue
+            if was is None:
+                log.info("peer %s joined (%s)", peer_id_to_str(sender)[:16],
+                         ", ".join(m.name for m in entry.advert.models) or "no models")
+
+    async def _age_table(self) -> None:
+        while True:
+            await trio.sleep(0.25)
+            for peer, old, new in self.table.tick(now_ms()):
+                log.info("peer %s: %s -> %s", peer_id_to_str(peer)[:16], old.value,
+                         new.value if new else "forgotten")
+
+    # -- discovery ----------------------------------------------------------------------
+
+    async def connect_addr(self, addr: str) -> bytes | None:
+        """Dial a multiaddr with /p2p/<id>; returns the peer ID, None on failure."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            log.warning("bad peer address %s: %s", addr, exc)
+            return None
+        return await self.connect_info(info)
+
+    async def connect_info(self, info: PeerInfo) -> bytes | None:
+        peer = info.peer_id.to_bytes()
+        if peer == self.key.peer_id:
+            return None
+        if self.host.get_network().connections.get(info.peer_id):
+            return peer
+        try:
+            with trio.fail_after(3):  # a wrong pre-shared key otherwise hangs ~30 s
+                await self.host.connect(info)
+            return peer
+        except trio.TooSlowError:
+            hint = " (is its swarm key the same as ours?)" if self.config.psk else ""
+            log.warning("cannot connect to %s: no handshake within 3 s%s", info.peer_id, hint)
+        except Exception as exc:  # refused, unreachable, not in the allowlist
+            log.warning("cannot connect to %s: %s: %s", info.peer_id, type(exc).__name__, exc)
+        return None
+
+    async def _keep_static_peers(self) -> None:
+        while True:
+            for addr in self.config.peers:
+                await self.connect_addr(addr)
+            await trio.sleep(2)
+
+    async def _run_dht(self) -> None:
+        from libp2p.kad_dht import DHTMode, KadDHT
+        from libp2p.tools.anyio_service import background_trio_service
+
+        logging.getLogger("libp2p.kad_dht.kad_dht").setLevel(logging.ERROR)  # EOF noise
+        self.dht = dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=False)
+        key = rendezvous_key(self.config.swarm)
+        async with background_trio_service(dht):
+            while True:
+                for addr in self.config.bootstrap:
+                    peer = await self.connect_addr(addr)
+                    if peer is not None:
+                        try:
+                            await dht.add_peer(ID(peer))
+                        except Exception as exc:
+                            log.debug("dht add_peer failed: %s", exc)
+                try:
+                    with trio.move_on_after(10):
+                        await dht.refresh_routing_table()
+                        await dht.provide(key)
+                        for info in await self._find_providers(dht, key):
+                            if info.peer_id.to_bytes() not in self.table.peers:
+                                await self.connect_info(info)
+                except Exception as exc:
+                    log.debug("dht round failed: %s", exc)
+                await trio.sleep(2 if len(self.table.peers) == 0 else 10)
+
+    @staticmethod
+    async def _find_providers(dht: Any, key: str) -> list[PeerInfo]:
+        # py-libp2p answers from its own provider store when it provides the key itself:
+        # hide our own records during the lookup so the network is asked.
+        raw = bytes.fromhex(key)
+        saved = dht.provider_store.providers.pop(raw, {})
+        try:
+            return list(await dht.find_providers(key, count=32))
+        finally:
+            dht.provider_store.providers.setdefault(raw, {}).update(saved)
+
+    # -- dispatch.Remote ----------------------------------------------------------------
+
+    def offers(self, model: str) -> list[Offer]:
+        out = []
+        for entry in self.table.alive():
+            advert = entry.advert
+            for m in advert.models:
+                if m.name == model and m.modality == "text":
+                    out.append(Offer(peer_id=entry.peer_id, tokens_per_s=m.tokens_per_s,
+                                     queue_depth=advert.queue_depth,
+                                     active_jobs=advert.active_jobs, max_queue=advert.max_queue))
+        return out
+
+    def serves(self, model: str) -> bool:
+        return any(m.name == model for e in self.table.peers.values()
+                   if e.state is not PeerState.DEAD for m in e.advert.models)
+
+    def report_failure(self, peer_id: bytes) -> None:
+        self.table.report_failure(peer_id, now_ms())
+        log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
+
+    async def _open_stream(self, peer: bytes) -> Any:
+        pid = ID(peer)
+        if not self.host.get_network().connections.get(pid):
+            entry = self.table.peers.get(peer)
+            addrs = [multiaddr.Multiaddr(a) for a in (entry.advert.addrs if entry else ())]
+            if not addrs:
+                raise PeerUnavailable("no address known for the peer")
+            await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(
+                str(a).split("/p2p/")[0]) for a in addrs]))
+        return await self.host.new_stream(pid, [PROTOCOL_ID])
+
+    async def start(self, peer_id: bytes, call: ChatCall, kind: Kind) -> RemoteJob:
+        return await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
+                                     verifier=self.verifier, timing=self.config.timing,
+                                     audit=self.audit)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = now_ms()
+        return {
+            "addrs": self.addrs(),
+            "swarm": self.config.swarm,
+            "peers": [{
+                "id": peer_id_to_str(e.peer_id), "state": e.state.value,
+                "models": [m.name for m in e.advert.models],
+                "queue_depth": e.advert.queue_depth, "active_jobs": e.advert.active_jobs,
+                "jurisdiction": e.advert.jurisdiction, "addrs": list(e.advert.addrs),
+                "last_advert_age_s": round(e.age_ms(now) / 1000, 2),
+            } for e in self.table.peers.values()],
+            "adverts": dict(self.table.counters),
+            "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
+        }
+
+
+def _local_ipv4() -> list[str]:
+    import ifaddr
+
+    ips = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("169.254."):
+                ips.append(ip.ip)
+    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))

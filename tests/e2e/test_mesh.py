@@ -1,0 +1,163 @@
+"""Real nodes, real libp2p on loopback, the real model: forwarding, failures, discovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import openai
+import pytest
+from nodeproc import NodeProcess
+
+from rbee_p2p.protocol.audit import verify_chain
+from rbee_p2p.store.audit import read_frames
+
+pytestmark = pytest.mark.e2e
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def sdk(node):
+    return openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def knows(model, peer_id=None):
+    def check(status):
+        return any(p["state"] == "alive" and model in p["models"]
+                   and (peer_id is None or p["id"] == peer_id) for p in status["peers"])
+    return check
+
+
+def audit_records(node, kind, timeout=10):
+    """The node's audit records of ``kind`` (the writer batches: poll, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frames, _ = read_frames((node.log.parent / "audit.log").read_bytes())
+        _, records = verify_chain([raw for _, raw in frames])
+        found = [r for r in records if r.kind == kind]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started = []
+
+    def start(name, *args, **kwargs):
+        node = NodeProcess(tmp_path / name, *args, **kwargs)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        node.kill()
+
+
+def warm(node):
+    """One local request, so the node measures its speed and advertises it."""
+    sdk(node).completions.create(model="smollm2", prompt="Hello", max_tokens=24)
+    node.wait_for(lambda s: s["models"][0]["tokens_per_s"] > 0, 10, "a measured speed")
+
+
+def test_three_nodes_a_request_on_a_runs_on_c(nodes):
+    c = nodes("c")
+    a = nodes("a", "--no-default-model", "--peer", c.addr)
+    b = nodes("b", "--no-default-model", "--peer", c.addr)
+    for n in (a, b, c):
+        n.wait_ready()
+    start = time.monotonic()
+    a.wait_for(knows("smollm2", c.peer_id), 15, "C in A's table")
+    b.wait_for(knows("smollm2", c.peer_id), 15, "C in B's table")
+    joined_s = time.monotonic() - start
+
+    client = sdk(a)
+    assert "smollm2" not in [m.id for m in client.models.list()]  # A serves none itself
+    stream = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=16,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text and chunks[-1].usage.completion_tokens <= 16
+    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
+    assert r.choices[0].message.content and r.usage.prompt_tokens > 0
+
+    forwarded = audit_records(a, "forward")
+    executed = audit_records(c, "execute")
+    assert len(forwarded) == 2 and len(executed) == 2
+    assert all(f.outcome == "ok" and f.receipt_sig for f in forwarded)  # receipts verified
+    assert {f.receipt_sig for f in forwarded} == {e.receipt_sig for e in executed}
+    assert forwarded[0].exec_peer == executed[0].exec_peer
+    assert c.status()["models"][0]["requests_served"] == 2
+    assert joined_s < 15
+
+
+def test_kill_9_before_the_first_token_is_retried_elsewhere(nodes):
+    c = nodes("c")
+    b = nodes("b")
+    a = nodes("a", "--no-default-model", "--peer", c.addr, "--peer", b.addr)
+    for n in (a, b, c):
+        n.wait_ready()
+    warm(c)  # C measured and fast: A ranks it first
+    a.wait_for(lambda s: knows("smollm2", b.peer_id)(s) and any(
+        p["id"] == c.peer_id for p in s["peers"]), 15, "B and C in A's table")
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait(10)
+    r = sdk(a).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
+    assert r.choices[0].message.content
+    assert b.status()["models"][0]["requests_served"] == 1
+    status = a.wait_for(lambda s: all(p["state"] != "alive" for p in s["peers"]
+                                      if p["id"] == c.peer_id), 15, "C not alive")
+    assert [p["state"] for p in status["peers"] if p["id"] == c.peer_id][0] in (
+        "suspect", "dead")
+
+
+def test_a_frozen_peer_is_detected_and_routed_around(nodes):
+    c = nodes("c")
+    b = nodes("b")
+    a = nodes("a", "--no-default-model", "--peer", c.addr, "--peer", b.addr)
+    for n in (a, b, c):
+        n.wait_ready()
+    warm(c)
+    a.wait_for(lambda s: knows("smollm2", b.peer_id)(s) and knows("smollm2", c.peer_id)(s), 15,
+               "B and C alive in A's table")
+    os.kill(c.proc.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    r = sdk(a).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
+    took = time.monotonic() - start
+    assert r.choices[0].message.content and took < 15
+    status = a.wait_for(lambda s: [p["state"] for p in s["peers"]
+                                   if p["id"] == c.peer_id] == ["dead"], 20, "C dead")
+    assert any(p["id"] == b.peer_id and p["state"] == "alive" for p in status["peers"])
+    os.kill(c.proc.pid, signal.SIGCONT)
+
+
+def test_dht_nodes_sharing_only_a_bootstrap_node_find_each_other(nodes):
+    boot = nodes("boot", "--no-default-model")
+    boot.wait_ready()
+    a = nodes("a", "--no-default-model", "--bootstrap", boot.addr)
+    c = nodes("c", "--bootstrap", boot.addr)
+    a.wait_ready()
+    c.wait_ready()
+    # the DHT's provider records (not gossip relayed by the bootstrap node) connect A to C
+    a.wait_for(lambda s: c.peer_id in s["connected"], 30, "A connected to C through the DHT")
+    a.wait_for(knows("smollm2", c.peer_id), 15, "C's advert at A")
+    r = sdk(a).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
+    assert r.choices[0].message.content
+    assert c.status()["models"][0]["requests_served"] == 1
+
+
+def test_private_swarm_refuses_outsiders(nodes, tmp_path):
+    c = nodes("c", "--no-default-model", env_psk="team-secret")
+    c.wait_ready()
+    outsider = nodes("x", "--no-default-model", "--peer", c.addr, env_psk="other-secret")
+    insider = nodes("y", "--no-default-model", "--peer", c.addr, env_psk="team-secret")
+    outsider.wait_ready()
+    insider.wait_ready()
+    insider.wait_for(lambda s: any(p["id"] == c.peer_id for p in s["peers"]), 15, "insider in")
+    deadline = time.monotonic() + 8
+    while "no handshake within 3 s (is its swarm key the same" not in outsider.output():
+        assert time.monotonic() < deadline, outsider.output()[-2000:]
+        time.sleep(0.2)
+    assert not outsider.status()["peers"]
