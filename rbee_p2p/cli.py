@@ -45,7 +45,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "p2p_listen": args.p2p_listen or None, "peers": args.peer or None,
              "bootstrap": args.bootstrap or None, "swarm": args.swarm,
              "mdns": False if args.no_mdns else None, "dht": False if args.no_dht else None,
-             "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction}
+             "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction,
+             "fake_models": args.fake_model or None}
     config = load_config(args.config, flags=flags)
     try:
         trio.run(run_node, config)
@@ -108,9 +109,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print("models")
     for m in status["models"]:
         aliases = f" (also {', '.join(m['aliases'])})" if m.get("aliases") else ""
-        print(f"  {m['name']}{aliases}: {m['modality']}, context {m['context']}, "
+        context = f", context {m['context']}" if m["modality"] != "image" else ""
+        print(f"  {m['name']}{aliases}: {m['modality']} on {m.get('device', '?')}{context}, "
               f"queue {m['queue_depth']}, active {m['active']}, "
               f"served {m['requests_served']}, digest {m['digest'][:16]}…")
+    from .engines.hub import status_lines
+
+    for line in status_lines(status):  # devices, images, models that did not fit
+        print(line)
     return 0
 
 
@@ -130,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_start.add_argument("--host", metavar="H", help="HTTP address (default 127.0.0.1)")
     p_start.add_argument("--port", type=int, metavar="P", help=f"HTTP port (default {DEFAULT_PORT})")
     p_start.add_argument("--model", action="append", default=[], metavar="PATH|NAME=PATH",
-                         help="a GGUF model to serve (repeatable); the name defaults to the "
-                              "file's stem")
+                         help="a model to serve (repeatable): a GGUF file (text), a diffusers "
+                              "folder or .safetensors checkpoint (images); the name defaults "
+                              "to the file's stem")
     p_start.add_argument("--no-default-model", action="store_true",
                          help="do not serve the embedded SmolLM2-135M model")
     mesh = p_start.add_argument_group("mesh")
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--no-mdns", action="store_true", help="no mDNS discovery on the LAN")
     mesh.add_argument("--no-dht", action="store_true", help="no Kademlia DHT discovery")
     mesh.add_argument("--no-p2p", action="store_true", help="no mesh at all: a lone node")
+    p_start.add_argument("--fake-model", action="append", default=[],
+                         metavar="NAME:TOKENS_PER_S",
+                         help="(testing) also serve a scripted model at a fixed token rate")
     p_start.add_argument("-v", "--verbose", action="store_true", help="log more")
     p_start.set_defaults(func=_cmd_start)
 
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the node's base URL")
     p_status.add_argument("--json", action="store_true", help="print JSON for scripts")
     p_status.set_defaults(func=_cmd_status)
+    from .engines.hub import add_commands
+
+    add_commands(sub)  # pull, devices
     return parser
 
 

@@ -65,7 +65,10 @@ class ModelSpec:
     context: int = 4096
     threads: int | None = None  # default: all cores
     gpu_layers: int = 0
-    device: str = "cpu"  # "cpu", "cuda:0", "metal:0": where to pin the model
+    device: str = "auto"  # "auto", or pin it: "cpu", "cuda:N", "metal:0" (= "mps")
+    memory_mb: int | None = None  # footprint for memory admission; default: estimated
+    steps: int | None = None  # images: default denoising steps (else the pipeline's)
+    guidance: float | None = None  # images: default guidance scale (else the pipeline's)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,11 @@ class NodeConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens: int = 4096  # the most tokens one request may ask for
     default_max_tokens: int = 512  # when a request does not say
+    max_images: int = 4  # the most images one request may ask for (n)
+    image_url_ttl: int = 600  # seconds a response_format=url image stays fetchable
+    image_store_mb: int = 256  # memory for those images (oldest dropped first)
+    memory_headroom: float = 0.1  # share of each device's memory kept free of models
+    memory_budget_mb: tuple[tuple[str, int], ...] = ()  # per-device budgets, overriding
     home: Path = field(default_factory=data_dir)
     # -- the mesh --
     p2p: bool = True  # run the libp2p host (false: a single, unconnected node)
@@ -94,6 +102,7 @@ class NodeConfig:
     advert_interval: float = 1.0  # seconds between adverts when nothing changes
     suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
     dead_after: float = 8.0  # ... and dead (dropped from routing)
+    fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
 
     def served_models(self) -> tuple[ModelSpec, ...]:
         """The configured models plus the embedded default (unless disabled or shadowed)."""
@@ -116,7 +125,12 @@ def parse_model_arg(text: str) -> ModelSpec:
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"--model {text}: {p} does not exist")
-    return ModelSpec(name=name or p.stem, path=p)
+    return ModelSpec(name=name or _default_name(p), path=p)
+
+
+def _default_name(path: Path) -> str:
+    """A file's stem; a folder's (diffusers) whole name, dots and all."""
+    return path.name if path.is_dir() else path.stem
 
 
 def _model_from_table(item: Any, where: str) -> ModelSpec:
@@ -128,12 +142,20 @@ def _model_from_table(item: Any, where: str) -> ModelSpec:
         raise ConfigError(f"{where}: unknown model settings {sorted(unknown)}")
     path = Path(str(item["path"])).expanduser()
     try:
+        device = str(item.get("device", "auto"))
+        if device.strip().lower() != "auto":
+            from .engines.hardware import parse_device
+
+            parse_device(device)
         return ModelSpec(
-            name=str(item.get("name") or path.stem), path=path,
+            name=str(item.get("name") or _default_name(path)), path=path,
             aliases=tuple(str(a) for a in item.get("aliases", ())),
             context=int(item.get("context", 4096)),
             threads=int(item["threads"]) if item.get("threads") else None,
-            gpu_layers=int(item.get("gpu_layers", 0)), device=str(item.get("device", "cpu")))
+            gpu_layers=int(item.get("gpu_layers", 0)), device=device,
+            memory_mb=int(item["memory_mb"]) if item.get("memory_mb") else None,
+            steps=int(item["steps"]) if item.get("steps") else None,
+            guidance=float(item["guidance"]) if item.get("guidance") is not None else None)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -142,11 +164,31 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int,
             "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
-            "dead_after": float}
-_LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces"}
+            "dead_after": float,
+            "max_images": int, "image_url_ttl": int, "image_store_mb": int,
+            "memory_headroom": float}
+_LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces", "fake_models"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
         "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS",
         "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION"}
+
+
+def _budgets(table: Any, where: str) -> tuple[tuple[str, int], ...]:
+    """``[memory_budget_mb]`` ``cpu = 4096``, ``"cuda:0" = 20000``: MiB per device."""
+    from .engines.hardware import parse_device
+
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of device = MiB")
+    out = []
+    for device, mib in table.items():
+        try:
+            backend, index = parse_device(device)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0:
+            raise ConfigError(f"{where}: {device} must be a whole number of MiB")
+        out.append(("cpu" if backend == "cpu" else f"{backend}:{index}", mib))
+    return tuple(out)
 
 
 def _convert(key: str, value: Any, where: str) -> Any:
@@ -195,6 +237,8 @@ def load_config(
             if key == "models":
                 models += [_model_from_table(m, f"{file} models[{i}]")
                            for i, m in enumerate(value)]
+            elif key == "memory_budget_mb":
+                values[key] = _budgets(value, f"{file} memory_budget_mb")
             elif key in _SCALARS or key in _LISTS:
                 values[key] = _convert(key, value, str(file))
             else:
@@ -210,6 +254,10 @@ def load_config(
     config = replace(NodeConfig(), **values, models=tuple(models))
     if not 0 < config.port < 65536:
         raise ConfigError(f"port {config.port} is out of range")
+    if not 0 <= config.memory_headroom < 1 or config.max_images < 1 \
+            or config.image_url_ttl < 1 or config.image_store_mb < 1:
+        raise ConfigError("need 0 <= memory_headroom < 1, max_images >= 1, "
+                          "image_url_ttl >= 1 and image_store_mb >= 1")
     if not 0 < config.suspect_after < config.dead_after:
         raise ConfigError("need 0 < suspect_after < dead_after")
     if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:

@@ -13,11 +13,13 @@ import trio
 
 from . import __version__
 from .api.app import create_app
+from .api.images import ImageService, image_limits
 from .api.schemas import Limits
 from .api.serving import Serving
 from .config import NodeConfig, audit_path, key_path
 from .dispatch import Dispatcher
-from .engines.base import TextEngine, file_digest
+from .engines.admission import Capacity, load_models
+from .engines.base import TextEngine
 from .engines.scheduler import Scheduler
 from .errors import ConfigError
 from .mesh.forward import Executor
@@ -34,32 +36,30 @@ __all__ = ["Node", "run_node", "load_engines"]
 log = logging.getLogger(__name__)
 
 
-async def load_engines(config: NodeConfig) -> list[TextEngine]:
-    """Load every configured model (once; they stay loaded).  Raises EngineFailure."""
-    from .engines.llama import LlamaEngine, LlamaSettings
-
+async def load_engines(config: NodeConfig) -> tuple[list[TextEngine], Capacity]:
+    """Load every configured model that fits (once; they stay loaded), text and image
+    (engines/admission.py).  Raises EngineFailure or ConfigError."""
     engines: list[TextEngine] = []
     try:
-        for spec in config.served_models():
-            started = time.perf_counter()
-            print(f"loading model {spec.name} from {spec.path} ...", flush=True)
-            digest = await trio.to_thread.run_sync(file_digest, spec.path, config.home / "cache")
-            gpu = spec.device.split(":")
-            settings = LlamaSettings(
-                context=spec.context, threads=spec.threads, gpu_layers=spec.gpu_layers,
-                main_gpu=int(gpu[1]) if len(gpu) == 2 and gpu[1].isdigit() else 0)
-            engine = await LlamaEngine.load(spec.name, spec.path, digest, settings,
-                                            aliases=spec.aliases, device=spec.device)
-            engines.append(engine)
-            print(f"loaded model {spec.name} ({engine.card.size_bytes / 1e6:.0f} MB, "
-                  f"context {engine.card.context}) in {time.perf_counter() - started:.1f}s",
-                  flush=True)
+        for fake in config.fake_models:
+            from .engines.fake import ScriptedEngine
+
+            name, _, rate = fake.partition(":")
+            try:
+                speed = float(rate or "100")
+            except ValueError:
+                raise ConfigError(f"fake model {fake!r}: expected NAME:TOKENS_PER_S") from None
+            engines.append(ScriptedEngine(name, token_seconds=1 / speed, context=8192, batch=6,
+                                          script="lorem ipsum dolor sit amet"))
+            print(f"serving a scripted model {name} at {speed:g} tokens/s (testing)", flush=True)
+        loaded, capacity = await load_models(config)
+        engines += loaded
     except BaseException:
         with trio.CancelScope(shield=True):
             for engine in engines:
                 await engine.aclose()
         raise
-    return engines
+    return engines, capacity
 
 
 class Node:
@@ -67,21 +67,25 @@ class Node:
 
     def __init__(self, config: NodeConfig, engines: list[TextEngine],
                  peer_id: str = "", *, key: NodeKey | None = None,
-                 audit: AuditWriter | None = None) -> None:
+                 audit: AuditWriter | None = None, capacity: Capacity | None = None) -> None:
         self.config = config
         self.key = key
         self.peer_id = key.peer_id_str if key is not None else peer_id
         self.audit = audit
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
+        self.capacity = capacity or Capacity.for_engines(engines, config)
+        self.scheduler.unavailable = self.capacity.unavailable
         self.dispatcher = Dispatcher(self.scheduler)
         self.serving = Serving(self.dispatcher)
+        self.images = ImageService(self.scheduler, self.capacity, image_limits(config),
+                                   self.dispatcher.requests_served)
         self.mesh: Mesh | None = None
         self._devices: tuple[DeviceInfo, ...] | None = None
         self.started = time.time()
         self.limits = Limits(max_tokens=config.max_tokens,
                              default_max_tokens=config.default_max_tokens)
         self.app = create_app(self.serving, self.limits, max_body_bytes=config.max_body_bytes,
-                              status=self.status)
+                              status=self.status, images=self.images)
 
     def status(self) -> dict[str, Any]:
         models = []
@@ -101,6 +105,8 @@ class Node:
             "url": f"http://{self.config.host}:{self.config.port}/v1",
             "uptime_s": round(time.time() - self.started, 1), "models": models,
             "addrs": [], "peers": []}
+        status.update(self.capacity.status())  # devices, unavailable models, images
+        status["images"].update(self.images.status())
         if self.mesh is not None:
             status.update(self.mesh.status())
         return status
@@ -182,13 +188,14 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
     audit_log = AuditLog(audit_path(config.home), key)
     writer = AuditWriter(audit_log)
     engines: list[TextEngine] = []
+    capacity: Capacity | None = None
     shutdown = shutdown or trio.Event()
     try:
         async with trio.open_nursery() as services:
             await services.start(writer.run)
             helpers: list[trio.CancelScope] = []  # signals, the mesh: stopped after HTTP
-            engines = await load_engines(config)
-            node = Node(config, engines, key=key, audit=writer)
+            engines, capacity = await load_engines(config)
+            node = Node(config, engines, key=key, audit=writer, capacity=capacity)
             if handle_signals:
                 await services.start(_in_scope, helpers, _wait_for_signal, shutdown)
             if config.p2p:
@@ -210,7 +217,7 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
     finally:
         with trio.CancelScope(shield=True):
             for engine in engines:
-                await engine.aclose()
+                await (capacity.unload(engine) if capacity else engine.aclose())
         audit_log.close()
     print("rbee-node stopped", flush=True)
 

@@ -62,7 +62,8 @@ def now_ms() -> int:
 class Timing:
     heartbeat_s: float = 1.0  # executor: send an empty chunk after this long without a frame
     frame_timeout_s: float = 5.0  # requester: no frame for this long = the peer is gone
-    request_timeout_s: float = 10.0  # executor: the request frame must arrive by then
+    request_timeout_s: float = 30.0  # executor: the request frame must arrive by then
+    warm_stream_s: float = 20.0  # requester: a pre-opened stream is used only this young
     deadline_s: float = 600.0  # requester: the job is useless after this long
 
 
@@ -273,7 +274,9 @@ class Executor:
                                     jurisdiction=self.jurisdiction or None, **fields)
 
 
-OpenStream = Callable[[bytes], Awaitable[ByteStream]]
+OpenStream = Callable[[bytes, bool], Awaitable[ByteStream]]
+"""``open_stream(peer, fresh)``: a stream to ``peer``; with ``fresh`` false it may be one
+opened in advance (negotiating a new stream costs a few ms of round trips)."""
 
 
 class RemoteJob:
@@ -281,8 +284,10 @@ class RemoteJob:
 
     def __init__(self, peer: bytes, frames: FrameStream, session: InferenceSession,
                  request_raw: bytes, verifier: Verifier, timing: Timing,
-                 audit: AuditWriter | None, key: NodeKey, request: InferenceRequest) -> None:
+                 audit: AuditWriter | None, key: NodeKey, request: InferenceRequest,
+                 on_failure: Callable[[bytes], None] | None = None) -> None:
         self.where = peer
+        self.on_failure = on_failure
         self.frames = frames
         self.session = session
         self.request_raw = request_raw
@@ -301,39 +306,44 @@ class RemoteJob:
     async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall, kind: Kind, *,
                     key: NodeKey, verifier: Verifier, timing: Timing = Timing(),
                     max_frame: int = 1 << 20, audit: AuditWriter | None = None,
-                    connect_timeout_s: float = 3.0) -> RemoteJob:
+                    connect_timeout_s: float = 3.0,
+                    on_failure: Callable[[bytes], None] | None = None) -> RemoteJob:
         """Open the stream, send the request, wait for the first token (or the end).
 
         Raises :class:`PeerUnavailable` for anything that says "try another peer", or the
         peer's verdict as a :class:`RequestError`.
         """
         name = peer_id_to_str(peer)
-        try:
-            with trio.fail_after(connect_timeout_s):
-                stream = await open_stream(peer)
-        except Exception as exc:
-            raise PeerUnavailable(f"cannot open a stream to {name[:16]}…: "
-                                  f"{type(exc).__name__}: {exc}") from None
-        frames = FrameStream(stream, max_frame)
-        request = InferenceRequest(
-            request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
-            params=call.body, stream=call.stream, max_tokens=call.request.max_tokens,
-            deadline_ms=now_ms() + int(timing.deadline_s * 1000))
-        raw = seal(key, request, now_ms=now_ms())
-        session = InferenceSession(request.request_id, key.peer_id, peer)
-        session.observe(key.peer_id, request)
-        job = cls(peer, frames, session, raw, verifier, timing, audit, key, request)
-        try:
-            await frames.send(raw)
-            job._first = await job._next_batch()
-        except StreamGone as exc:
-            await frames.reset()
-            raise PeerUnavailable(f"{name[:16]}… went away before the first token: {exc}") \
-                from None
-        except BaseException:
-            await frames.reset()
-            raise
-        return job
+        for fresh in (False, True):  # a pre-opened stream may have died: then one new try
+            try:
+                with trio.fail_after(connect_timeout_s):
+                    stream = await open_stream(peer, fresh)
+            except Exception as exc:
+                raise PeerUnavailable(f"cannot open a stream to {name[:16]}…: "
+                                      f"{type(exc).__name__}: {exc}") from None
+            frames = FrameStream(stream, max_frame)
+            request = InferenceRequest(
+                request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
+                params=call.body, stream=call.stream, max_tokens=call.request.max_tokens,
+                deadline_ms=now_ms() + int(timing.deadline_s * 1000))
+            raw = seal(key, request, now_ms=now_ms())
+            session = InferenceSession(request.request_id, key.peer_id, peer)
+            session.observe(key.peer_id, request)
+            job = cls(peer, frames, session, raw, verifier, timing, audit, key, request,
+                      on_failure)
+            try:
+                await frames.send(raw)
+                job._first = await job._next_batch()
+                return job
+            except StreamGone as exc:
+                await frames.reset()
+                if fresh:
+                    raise PeerUnavailable(f"{name[:16]}… went away before the first token: "
+                                          f"{exc}") from None
+            except BaseException:
+                await frames.reset()
+                raise
+        raise AssertionError("unreachable")
 
     async def _next_batch(self) -> list[str] | None:
         """The next non-empty batch of text, or None at the end.  Raises StreamGone,
@@ -383,7 +393,9 @@ class RemoteJob:
                 while (batch := await self._next_batch()) is not None:
                     yield batch
             outcome = "ok"
-        except StreamGone as exc:
+        except (StreamGone, PeerUnavailable) as exc:
+            if self.on_failure is not None:
+                self.on_failure(self.where)  # the peer is suspect from now on
             raise EngineFailure(f"peer {peer_id_to_str(self.where)[:16]}… failed mid-stream: "
                                 f"{exc}") from None
         finally:

@@ -93,7 +93,8 @@ class Mesh:
         self.pubsub: Any = None
         self.dht: Any = None
         self._seq = 0
-        self._dialing: set[bytes] = set()
+        self._warm: dict[bytes, tuple[Any, float]] = {}  # peer -> (open stream, opened at)
+        self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self.started = trio.Event()
 
     # -- running ------------------------------------------------------------------------
@@ -125,6 +126,7 @@ class Mesh:
                     nursery.start_soon(self._receive_adverts, subscription)
                     nursery.start_soon(self._publish_adverts)
                     nursery.start_soon(self._age_table)
+                    nursery.start_soon(self._keep_warm_streams)
                     if cfg.peers:
                         nursery.start_soon(self._keep_static_peers)
                     if cfg.dht:
@@ -313,7 +315,38 @@ class Mesh:
         self.table.report_failure(peer_id, now_ms())
         log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
 
-    async def _open_stream(self, peer: bytes) -> Any:
+    async def _open_stream(self, peer: bytes, fresh: bool) -> Any:
+        """A stream for one job: the warm one opened in advance if it is young enough (and
+        a new warm one is ordered for the next job), else a new one."""
+        warm = self._warm.pop(peer, None)
+        try:
+            self._refill_send.send_nowait(peer)
+        except trio.WouldBlock:
+            pass
+        if warm is not None:
+            stream, opened = warm
+            if not fresh and trio.current_time() - opened < self.config.timing.warm_stream_s:
+                return stream
+            await _reset(stream)
+        return await self._new_stream(peer)
+
+    async def _keep_warm_streams(self) -> None:
+        """Opens the next job's stream to a peer ahead of time (at most 16 peers)."""
+        async for peer in self._refill_receive:
+            if peer in self._warm:
+                continue
+            try:
+                with trio.fail_after(3):
+                    stream = await self._new_stream(peer)
+            except Exception as exc:
+                log.debug("no warm stream to %s: %s", peer_id_to_str(peer)[:16], exc)
+                continue
+            if len(self._warm) >= 16:
+                oldest = min(self._warm, key=lambda p: self._warm[p][1])
+                await _reset(self._warm.pop(oldest)[0])
+            self._warm[peer] = (stream, trio.current_time())
+
+    async def _new_stream(self, peer: bytes) -> Any:
         pid = ID(peer)
         if not self.host.get_network().connections.get(pid):
             entry = self.table.peers.get(peer)
@@ -327,7 +360,7 @@ class Mesh:
     async def start(self, peer_id: bytes, call: ChatCall, kind: Kind) -> RemoteJob:
         return await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
                                      verifier=self.verifier, timing=self.config.timing,
-                                     audit=self.audit)
+                                     audit=self.audit, on_failure=self.report_failure)
 
     # -- status -------------------------------------------------------------------------
 
@@ -346,6 +379,14 @@ class Mesh:
             "adverts": dict(self.table.counters),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
+
+
+async def _reset(stream: Any) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
 
 
 def _local_ipv4() -> list[str]:

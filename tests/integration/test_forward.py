@@ -62,7 +62,7 @@ def mesh(nursery):
         executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction="EU",
                             audit=audits["B"], timing=TIMING)
 
-        async def open_stream(peer):
+        async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
             if serve:
                 nursery.start_soon(executor.handle, Mem(right), A.peer_id)
@@ -159,3 +159,46 @@ async def test_engine_failure_mid_stream_becomes_an_error(mesh, autojump_clock):
     job, _, _ = await mesh(call(max_tokens=20), engine=ScriptedEngine("fake", fail_at=5, batch=1))
     with pytest.raises(EngineFailure):
         await collect(job)
+
+
+async def test_a_peer_dying_mid_stream_is_an_error_and_reported(nursery, autojump_clock):
+    engine = ScriptedEngine("fake", token_seconds=0.1, batch=1)
+    executor = Executor(B, Verifier(), Scheduler([engine]), Limits(), timing=TIMING)
+    failed = []
+    streams = []
+
+    async def open_stream(peer, fresh):
+        left, right = trio.testing.memory_stream_pair()
+        streams.append(right)
+        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        return Mem(left)
+
+    job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=50), "chat", key=A,
+                                verifier=Verifier(), timing=TIMING, on_failure=failed.append)
+    got = []
+    with pytest.raises(EngineFailure, match="mid-stream"):
+        async with aclosing(job.batches()) as batches:
+            async for batch in batches:
+                got += batch
+                if len(got) == 3:
+                    await streams[0].aclose()  # the executor's side of the wire is cut
+    assert failed == [B.peer_id]
+
+
+async def test_a_dead_pre_opened_stream_is_replaced_by_a_fresh_one(nursery, autojump_clock):
+    engine = ScriptedEngine("fake", script="ok", token_seconds=0.1)
+    executor = Executor(B, Verifier(), Scheduler([engine]), Limits(), timing=TIMING)
+    asked = []
+
+    async def open_stream(peer, fresh):
+        asked.append(fresh)
+        left, right = trio.testing.memory_stream_pair()
+        if fresh:
+            nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        else:
+            await right.aclose()  # the peer restarted since this stream was opened
+        return Mem(left)
+
+    job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=2), "chat", key=A,
+                                verifier=Verifier(), timing=TIMING)
+    assert await collect(job) == "ok ok" and asked == [False, True]

@@ -1,0 +1,221 @@
+"""Mesh benchmark (issue: discovery, gossip and forwarding).
+
+In one run on this machine, with real nodes on loopback:
+  1. forwarding: the same 64-token requests sent to B directly (served locally) and to A,
+     which forwards them to B: streamed decode tokens/s ratio and added time to first token;
+  2. scaling (SCRIPTED engine at a fixed token rate: on 2 cores two real models would fight
+     over the same CPU, so this isolates what the mesh adds): 16 concurrent clients on A, with
+     A and B each serving the model, against the sum of each node's solo throughput;
+  3. membership: how long until a new node is in every peer's table, and until a killed one
+     is marked dead everywhere (dead timeout configurable, default 8 s).
+
+    python bench/mesh.py [--rounds 3] [--block 5] [--rate 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import free_port, median, server, table  # noqa: E402
+
+TOKENS = 64
+
+
+class Node:
+    def __init__(self, stack: ExitStack, tmp: Path, name: str, *args: str) -> None:
+        self.home = tmp / name
+        self.home.mkdir(parents=True)
+        env = {"RBEE_HOME": str(self.home)}
+        self.peer_id = subprocess.run(["rbee-node", "id"], env={**os.environ, **env},
+                                      capture_output=True, text=True, check=True).stdout.strip()
+        self.port, self.p2p = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.addr = f"/ip4/127.0.0.1/tcp/{self.p2p}/p2p/{self.peer_id}"
+        cmd = ["rbee-node", "start", "--port", str(self.port), "--no-mdns", "--p2p-listen",
+               f"/ip4/127.0.0.1/tcp/{self.p2p}", *args]
+        self.proc = stack.enter_context(server(cmd, self.url + "/health", tmp / f"{name}.log",
+                                               env=env))
+
+    def status(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", "/rbee/status")
+        return json.loads(conn.getresponse().read())
+
+    def sees(self, peer_id: str, state: str = "alive", model: str | None = None) -> bool:
+        return any(p["id"] == peer_id and p["state"] == state and
+                   (model is None or model in p["models"]) for p in self.status()["peers"])
+
+
+def wait(predicate, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            sys.exit(f"timed out: {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def stream(url: str, body: dict) -> tuple[float, float, int]:
+    """(TTFT s, decode span s, completion tokens) of one streamed completion."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(
+        {**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+        {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        sys.exit(f"HTTP {response.status}: {response.read()[:300]!r}")
+    first = last = None
+    tokens = 0
+    for raw in response:
+        if not raw.startswith(b"data: {"):
+            continue
+        event = json.loads(raw[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        if event.get("choices") and event["choices"][0].get("text"):
+            last = time.perf_counter()
+            first = first or last
+    conn.close()
+    return first - start, last - first, tokens
+
+
+def forwarding(b: Node, a: Node, rounds: int, block: int) -> dict:
+    runs: dict[str, list] = {"local on B": [], "A -> B": []}
+    i = 0
+    for _ in range(rounds):
+        for name, url in (("local on B", b.url), ("A -> B", a.url)):
+            body = lambda i: {"model": "smollm2", "prompt": f"Story {i} about a bee:",  # noqa
+                              "max_tokens": TOKENS, "temperature": 0.8, "seed": i}
+            stream(url, {**body(90_000 + i), "max_tokens": 8})  # warm-up
+            for _ in range(block - 1):
+                runs[name].append(stream(url, body(i)))
+                i += 1
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {"tok_s": median([(n - 1) / span for _, span, n in rs if n > 1 and span > 0]),
+                     "ttft_ms": median([t * 1000 for t, _, _ in rs]), "n": len(rs)}
+    return out
+
+
+async def _throughput(url: str, clients: int, per_client: int) -> float:
+    """Aggregate completion tokens/s of ``clients`` concurrent clients."""
+    total = 0
+
+    async def client(c: int) -> None:
+        nonlocal total
+        for k in range(per_client):
+            _, _, n = await trio.to_thread.run_sync(stream, url, {
+                "model": "fake", "prompt": f"client {c} request {k}", "max_tokens": TOKENS})
+            total += n
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for c in range(clients):
+            nursery.start_soon(client, c)
+    return total / (trio.current_time() - start)
+
+
+def throughput(url: str, clients: int = 16, per_client: int = 4) -> float:
+    limiter = trio.to_thread.current_default_thread_limiter
+
+    async def main() -> float:
+        limiter().total_tokens = clients + 4
+        return await _throughput(url, clients, per_client)
+
+    return trio.run(main)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--rate", type=float, default=200, help="scripted tokens/s per node")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="rbee-mesh-bench-"))
+    results = {}
+
+    # 1. forwarding, real model
+    with ExitStack() as stack:
+        b = Node(stack, tmp, "b")
+        a = Node(stack, tmp, "a", "--no-default-model", "--peer", b.addr)
+        wait(lambda: a.sees(b.peer_id, model="smollm2"), 20, "B in A's table")
+        results["forwarding"] = forwarding(b, a, args.rounds, args.block)
+
+    # 2. scaling, scripted model at a fixed rate
+    fake = ["--no-default-model", "--fake-model", f"fake:{args.rate:g}"]
+    with ExitStack() as stack:
+        solo_a = throughput(Node(stack, tmp, "solo-a", *fake).url)
+    with ExitStack() as stack:
+        solo_b = throughput(Node(stack, tmp, "solo-b", *fake).url)
+    with ExitStack() as stack:
+        b = Node(stack, tmp, "mesh-b", *fake)
+        a = Node(stack, tmp, "mesh-a", *fake, "--peer", b.addr)
+        wait(lambda: a.sees(b.peer_id, model="fake"), 20, "B in A's table")
+        together = throughput(a.url)
+        served_b = b.status()["models"][0]["requests_served"]
+    results["scaling"] = {"solo_a": solo_a, "solo_b": solo_b, "together": together,
+                          "served_by_b": served_b}
+
+    # 3. membership: three nodes, then a fourth joins, then it is killed
+    with ExitStack() as stack:
+        n1 = Node(stack, tmp, "n1", "--no-default-model")
+        n2 = Node(stack, tmp, "n2", "--no-default-model", "--peer", n1.addr)
+        n3 = Node(stack, tmp, "n3", "--no-default-model", "--peer", n1.addr, "--peer", n2.addr)
+        old = [n1, n2, n3]
+        wait(lambda: all(x.sees(y.peer_id) for x in old for y in old if x is not y), 20,
+             "three nodes see each other")
+        joins = []
+        deaths = []
+        for k in range(3):
+            with ExitStack() as inner:
+                new = Node(inner, tmp, f"new{k}", "--no-default-model", "--peer", n1.addr)
+                joins.append(wait(lambda: all(x.sees(new.peer_id) for x in old) and
+                                  all(new.sees(x.peer_id) for x in old), 20, "the new node"))
+                os.kill(new.proc.pid, signal.SIGKILL)
+                deaths.append(wait(lambda: all(x.sees(new.peer_id, "dead") for x in old), 30,
+                                   "the killed node dead everywhere"))
+        results["membership"] = {"join_s": joins, "dead_s": deaths}
+
+    f = results["forwarding"]
+    local, fwd = f["local on B"], f["A -> B"]
+    s = results["scaling"]
+    m = results["membership"]
+    print(f"\n1. forwarding (SmolLM2, {TOKENS}-token completions, {local['n']} requests each, "
+          "medians)\n")
+    print(table([["path", "decode tok/s", "TTFT ms"],
+                 ["local on B", f"{local['tok_s']:.1f}", f"{local['ttft_ms']:.1f}"],
+                 ["A -> B", f"{fwd['tok_s']:.1f}", f"{fwd['ttft_ms']:.1f}"]]))
+    ratio = fwd["tok_s"] / local["tok_s"]
+    added = fwd["ttft_ms"] - local["ttft_ms"]
+    print(f"\nforwarded/local decode: {ratio:.3f}x (goal >= 0.93x); added TTFT "
+          f"{added:+.1f} ms (goal <= 5 ms)")
+    agg = s["together"] / (s["solo_a"] + s["solo_b"])
+    print(f"\n2. scaling (SCRIPTED engine, {args.rate:g} tokens/s per node, 16 concurrent "
+          f"clients on A): solo A {s['solo_a']:.0f}, solo B {s['solo_b']:.0f}, A+B "
+          f"{s['together']:.0f} tokens/s -> {agg:.3f}x the sum (goal >= 0.9x); B served "
+          f"{s['served_by_b']} of {16 * 4}")
+    print(f"\n3. membership: new node in all tables after "
+          f"{', '.join(f'{x:.2f}' for x in m['join_s'])} s (goal <= 2 s); killed node dead "
+          f"everywhere after {', '.join(f'{x:.2f}' for x in m['dead_s'])} s "
+          "(dead timeout 8 s)")
+
+
+if __name__ == "__main__":
+    main()
