@@ -46,7 +46,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "bootstrap": args.bootstrap or None, "swarm": args.swarm,
              "mdns": False if args.no_mdns else None, "dht": False if args.no_dht else None,
              "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction,
-             "fake_models": args.fake_model or None}
+             "fake_models": args.fake_model or None,
+             "mdns_interfaces": args.mdns_interface or None}
     config = load_config(args.config, flags=flags)
     try:
         trio.run(run_node, config)
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--jurisdiction", metavar="CODE",
                       help="what this node's advert claims, e.g. EU or US")
     mesh.add_argument("--no-mdns", action="store_true", help="no mDNS discovery on the LAN")
+    mesh.add_argument("--mdns-interface", action="append", default=[], metavar="NAME",
+                      help="announce and listen for mDNS only on this interface (repeatable)")
     mesh.add_argument("--no-dht", action="store_true", help="no Kademlia DHT discovery")
     mesh.add_argument("--no-p2p", action="store_true", help="no mesh at all: a lone node")
     p_start.add_argument("--fake-model", action="append", default=[],

@@ -22,7 +22,7 @@ class NodeProcess:
 
     def __init__(self, home: Path, *args: str, port: int | None = None,
                  p2p_port: int | None = None, prefix: tuple[str, ...] = (),
-                 env_psk: str | None = None) -> None:
+                 env_psk: str | None = None, p2p_host: str = "127.0.0.1") -> None:
         self.port = port or free_port()
         self.p2p_port = p2p_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -35,13 +35,13 @@ class NodeProcess:
             env["RBEE_PSK"] = env_psk
         self.peer_id = subprocess.run([exe, "id"], env=env, capture_output=True, text=True,
                                       timeout=60, check=True).stdout.strip()
-        self.addr = f"/ip4/127.0.0.1/tcp/{self.p2p_port}/p2p/{self.peer_id}"
+        self.addr = f"/ip4/{p2p_host}/tcp/{self.p2p_port}/p2p/{self.peer_id}"
         self._out = open(self.log, "wb")
         mdns = () if "--mdns" in args else ("--no-mdns",)
         args = tuple(a for a in args if a != "--mdns")
         self.proc = subprocess.Popen(
             [*prefix, exe, "start", "--port", str(self.port), "--p2p-listen",
-             f"/ip4/127.0.0.1/tcp/{self.p2p_port}", *mdns, *args], stdout=self._out,
+             f"/ip4/{p2p_host}/tcp/{self.p2p_port}", *mdns, *args], stdout=self._out,
             stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
