@@ -95,6 +95,7 @@ class Mesh:
         self._seq = 0
         self._warm: dict[bytes, tuple[Any, float]] = {}  # peer -> (open stream, opened at)
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
+        self._dial_locks: dict[bytes, trio.Lock] = {}
         self.started = trio.Event()
 
     # -- running ------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class Mesh:
             return peer
         try:
             with trio.fail_after(3):  # a wrong pre-shared key otherwise hangs ~30 s
-                await self.host.connect(info)
+                await self._dial(info)
             return peer
         except trio.TooSlowError:
             hint = " (is its swarm key the same as ours?)" if self.config.psk else ""
@@ -316,13 +317,9 @@ class Mesh:
         log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
 
     async def _open_stream(self, peer: bytes, fresh: bool) -> Any:
-        """A stream for one job: the warm one opened in advance if it is young enough (and
-        a new warm one is ordered for the next job), else a new one."""
+        """A stream for one job: the warm one opened in advance if it is young enough,
+        else a new one."""
         warm = self._warm.pop(peer, None)
-        try:
-            self._refill_send.send_nowait(peer)
-        except trio.WouldBlock:
-            pass
         if warm is not None:
             stream, opened = warm
             if not fresh and trio.current_time() - opened < self.config.timing.warm_stream_s:
@@ -353,14 +350,31 @@ class Mesh:
             addrs = [multiaddr.Multiaddr(a) for a in (entry.advert.addrs if entry else ())]
             if not addrs:
                 raise PeerUnavailable("no address known for the peer")
-            await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(
+            await self._dial(PeerInfo(pid, [multiaddr.Multiaddr(
                 str(a).split("/p2p/")[0]) for a in addrs]))
         return await self.host.new_stream(pid, [PROTOCOL_ID])
 
+    async def _dial(self, info: PeerInfo) -> None:
+        """One dial at a time per peer: concurrent dials to one peer stall py-libp2p."""
+        peer = info.peer_id.to_bytes()
+        lock = self._dial_locks.setdefault(peer, trio.Lock())
+        async with lock:
+            if not self.host.get_network().connections.get(info.peer_id):
+                await self.host.connect(info)
+        if not lock.locked() and peer not in self.table.peers:
+            self._dial_locks.pop(peer, None)
+
     async def start(self, peer_id: bytes, call: ChatCall, kind: Kind) -> RemoteJob:
-        return await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
-                                     verifier=self.verifier, timing=self.config.timing,
-                                     audit=self.audit, on_failure=self.report_failure)
+        job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
+                                    verifier=self.verifier, timing=self.config.timing,
+                                    audit=self.audit, on_failure=self.report_failure)
+        # the peer answered: open the next job's stream now, over the live connection
+        # (never while dialling a peer that may be gone: concurrent dials to one peer stall)
+        try:
+            self._refill_send.send_nowait(peer_id)
+        except trio.WouldBlock:
+            pass
+        return job
 
     # -- status -------------------------------------------------------------------------
 
