@@ -91,6 +91,12 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     assert forwarded[0].exec_peer == executed[0].exec_peer
     assert c.status()["models"][0]["requests_served"] == 2
     assert joined_s < 15
+    import shutil
+    import subprocess
+
+    listing = subprocess.run([shutil.which("rbee-node"), "peers", "--url", a.url],
+                             capture_output=True, text=True, timeout=60).stdout
+    assert c.peer_id in listing and "alive" in listing and "smollm2" in listing
 
 
 def test_kill_9_before_the_first_token_is_retried_elsewhere(nodes):

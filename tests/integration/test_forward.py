@@ -202,3 +202,21 @@ async def test_a_dead_pre_opened_stream_is_replaced_by_a_fresh_one(nursery, auto
     job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=2), "chat", key=A,
                                 verifier=Verifier(), timing=TIMING)
     assert await collect(job) == "ok ok" and asked == [False, True]
+
+
+async def test_a_request_signed_by_someone_else_is_refused(nursery, autojump_clock):
+    """The executor only takes requests signed by the peer at the other end of the stream."""
+    executor = Executor(B, Verifier(), Scheduler([ScriptedEngine("fake")]), Limits(),
+                        timing=TIMING)
+    impostor = samples.NodeKey.from_seed(bytes([9]) * 32)
+
+    async def open_stream(peer, fresh):
+        left, right = trio.testing.memory_stream_pair()
+        # the stream's authenticated remote is A, but the request will be signed by another
+        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        return Mem(left)
+
+    with pytest.raises(PeerUnavailable, match="misdirected"):
+        await RemoteJob.start(B.peer_id, open_stream, call(), "chat", key=impostor,
+                              verifier=Verifier(), timing=TIMING)
+    assert executor.served == 0
