@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -10,7 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import httpx
 
@@ -56,3 +57,22 @@ def table(rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def read_sse(response: Iterable[bytes]) -> tuple[float | None, float | None, int | None, int]:
+    """Times of the first and last text event (perf_counter), the usage's completion
+    tokens (if sent) and the number of text events of an OpenAI completion stream."""
+    first = last = None
+    usage = None
+    pieces = 0
+    for raw in response:
+        if not raw.startswith(b"data: {"):
+            continue
+        event = json.loads(raw[6:])
+        if event.get("usage"):
+            usage = event["usage"]["completion_tokens"]
+        if event.get("choices") and event["choices"][0].get("text"):
+            last = time.perf_counter()
+            first = first or last
+            pieces += 1
+    return first, last, usage, pieces

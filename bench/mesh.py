@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import free_port, median, server, table  # noqa: E402
+from common import free_port, median, read_sse, server, table  # noqa: E402
 
 TOKENS = 64
 
@@ -80,19 +79,9 @@ def stream(url: str, body: dict) -> tuple[float, float, int]:
     response = conn.getresponse()
     if response.status != 200:
         sys.exit(f"HTTP {response.status}: {response.read()[:300]!r}")
-    first = last = None
-    tokens = 0
-    for raw in response:
-        if not raw.startswith(b"data: {"):
-            continue
-        event = json.loads(raw[6:])
-        if event.get("usage"):
-            tokens = event["usage"]["completion_tokens"]
-        if event.get("choices") and event["choices"][0].get("text"):
-            last = time.perf_counter()
-            first = first or last
+    first, last, usage, _ = read_sse(response)
     conn.close()
-    return first - start, last - first, tokens
+    return first - start, last - first, usage or 0
 
 
 def forwarding(b: Node, a: Node, rounds: int, block: int) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import free_port, median, server, table  # noqa: E402
+from common import free_port, median, read_sse, server, table  # noqa: E402
 
 from rbee_p2p.config import default_model_path  # noqa: E402
 from rbee_p2p.engines.llama import available_cores  # noqa: E402
@@ -84,21 +84,8 @@ class Client:
 def http_run(client: Client, i: int, tokens: int, extra: dict) -> tuple[float, float, int]:
     body = {"model": "smollm2", "prompt": prompt(i), "max_tokens": tokens, "seed": i,
             "stream": True, **SAMPLING, **extra}
-    first = last = None
-    pieces = 0
-    usage = None
     start, response = client.post("/v1/completions", body)
-    for raw in response:
-        line = raw.decode()
-        if not line.startswith("data: {"):
-            continue
-        event = json.loads(line[6:])
-        if event.get("usage"):
-            usage = event["usage"]["completion_tokens"]
-        if event.get("choices") and event["choices"][0].get("text"):
-            last = time.perf_counter()
-            first = first or last
-            pieces += 1
+    first, last, usage, pieces = read_sse(response)
     return first - start, last - first, usage or pieces
 
 

@@ -7,7 +7,8 @@
   ``StorageError``: a local store (audit log) is corrupt or locked
   ``RequestError``: a client's request cannot be served; each subclass has one HTTP status
     ``InvalidRequest`` (400), ``ModelNotFound`` (404), ``PayloadTooLarge`` (413),
-    ``Busy`` (503, with ``retry_after``), ``EngineFailure`` (500)
+    ``Busy`` (503, with ``retry_after``), ``ModelUnavailable`` (503, no retry: configured
+    but not loaded), ``EngineFailure`` (500)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "ModelNotFound",
     "PayloadTooLarge",
     "Busy",
+    "ModelUnavailable",
     "EngineFailure",
 ]
 
@@ -68,6 +70,12 @@ class Busy(RequestError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ModelUnavailable(RequestError):
+    """The model is configured here but not loaded: it does not fit its device's memory
+    budget, its pinned device is missing, or its engine (torch) is not installed.  Retrying
+    will not help; another node may serve it."""
 
 
 class EngineFailure(RequestError):

@@ -14,6 +14,7 @@ from ..errors import (
     EngineFailure,
     InvalidRequest,
     ModelNotFound,
+    ModelUnavailable,
     PayloadTooLarge,
     RequestError,
 )
@@ -30,6 +31,7 @@ ERROR_STATUS: dict[type[RequestError], tuple[int, str, str | None]] = {
     ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     PayloadTooLarge: (413, "invalid_request_error", "request_too_large"),
     Busy: (503, "server_error", "overloaded"),
+    ModelUnavailable: (503, "server_error", "model_unavailable"),
     EngineFailure: (500, "server_error", "engine_failure"),
 }
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
@@ -44,7 +46,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
-               status: Callable[[], dict[str, Any]]) -> QuartTrio:
+               status: Callable[[], dict[str, Any]], images: Any = None) -> QuartTrio:
+    """``images``: an :class:`~rbee_p2p.api.images.ImageService` adds the image routes."""
     app = QuartTrio("rbee_p2p")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # generations may run longer than quart's 60 s
@@ -104,7 +107,9 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:
-        code, type_, err_code = ERROR_STATUS.get(type(exc), (400, "invalid_request_error", None))
+        code, type_, err_code = next(
+            (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
+            (400, "invalid_request_error", None))
         headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, Busy) else None
         if code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc)
@@ -123,4 +128,6 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
 
+    if images is not None:
+        images.register(app, body)
     return app

@@ -43,6 +43,7 @@ class LlamaSettings:
     # is half the cores, which measured 0.56x the speed on a 2-core machine)
     gpu_layers: int = 0
     main_gpu: int = 0
+    split_mode: int | None = None  # 0 (none): the whole model on main_gpu (a pinned device)
 
     @property
     def n_threads(self) -> int:
@@ -83,7 +84,9 @@ class LlamaEngine(TextEngine):
 
             return Llama(str(path), n_ctx=settings.context, n_threads=settings.n_threads,
                          n_threads_batch=settings.n_threads, n_gpu_layers=settings.gpu_layers,
-                         main_gpu=settings.main_gpu, verbose=False)
+                         main_gpu=settings.main_gpu, verbose=False,
+                         **({} if settings.split_mode is None else
+                            {"split_mode": settings.split_mode}))
 
         try:
             llm = await thread.call(construct)

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Iterable
 
 import trio
 
-from ..errors import Busy, ModelNotFound
+from ..errors import Busy, ModelNotFound, ModelUnavailable
 from .base import TextEngine
 
 __all__ = ["Scheduler", "ModelLoad"]
@@ -40,6 +40,8 @@ class Scheduler:
         self.max_queue = max_queue
         self._slots: dict[str, _Slot] = {}
         self._names: dict[str, str] = {}
+        # configured here but not loaded (no room, no torch): name -> why (set by the node)
+        self.unavailable: dict[str, str] = {}
         for engine in engines:
             self._slots[engine.card.name] = _Slot(engine)
             for name in (engine.card.name, *engine.card.aliases):
@@ -59,6 +61,8 @@ class Scheduler:
         try:
             return self._slots[self._names[model]].engine
         except KeyError:
+            if model in self.unavailable:
+                raise ModelUnavailable(self.unavailable[model], param="model") from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served by this "
                                 "node", param="model") from None
 

@@ -16,13 +16,13 @@ import os
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 
 from ..api.schemas import ChatCall, Limits, parse_chat, parse_completion
 from ..dispatch import Kind, PeerUnavailable
-from ..engines.base import Completion, TextEngine
+from ..engines.base import Completion
 from ..engines.scheduler import Scheduler
 from ..errors import (
     Busy,
@@ -94,14 +94,77 @@ def _code_for(exc: RequestError) -> str:
     return "internal"
 
 
+IMAGE_CHUNK = 512 * 1024
+
+
+class ImageRunner(Protocol):
+    """What the executor needs to serve image requests (the node's image service)."""
+
+    def serves(self, model: str) -> bool: ...
+
+    def digest(self, model: str) -> bytes: ...
+
+    async def run(self, model: str, params: dict[str, Any]) -> list[bytes]:
+        """PNG bytes of each image.  Raises RequestError."""
+        ...
+
+
+@dataclass
+class _Work:
+    run: Callable[[_Reply], Awaitable[None]]
+    digest: bytes
+    completion: Completion
+    done: Callable[[_Reply], None]
+
+
+class _Reply:
+    """The executor's side of one stream: numbered frames, heartbeats, the output digest."""
+
+    def __init__(self, executor: Executor, frames: FrameStream, request_id: bytes) -> None:
+        self.executor = executor
+        self.frames = frames
+        self.request_id = request_id
+        self.seq = 0
+        self.tokens = 0  # tokens reported in chunks so far
+        self.first: float | None = None  # when the first output was ready
+        self.output = OutputDigest()
+        self.last_send = trio.current_time()
+        self._lock = trio.Lock()  # seq numbers are assigned and sent in one step
+
+    def started(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    async def send(self, make: Callable[[int], Any]) -> None:
+        async with self._lock:
+            await self.executor._send(self.frames, make(self.seq))
+            self.seq += 1
+            self.last_send = trio.current_time()
+
+    async def chunk(self, text: str, tokens: int, data: bytes | None = None) -> None:
+        self.output.update(text, data)
+        self.tokens += tokens
+        await self.send(lambda seq: ResultChunk(request_id=self.request_id, seq=seq, text=text,
+                                                tokens=tokens, data=data))
+
+    async def heartbeat(self) -> None:
+        interval = self.executor.timing.heartbeat_s
+        while True:
+            await trio.sleep(interval)
+            if trio.current_time() - self.last_send >= interval:
+                await self.chunk("", 0)
+
+
 class Executor:
     """Serves inference streams from peers on this node's engines."""
 
     def __init__(self, key: NodeKey, verifier: Verifier, scheduler: Scheduler, limits: Limits,
                  *, jurisdiction: str = "", audit: AuditWriter | None = None,
                  timing: Timing = Timing(), max_frame: int = 1 << 20,
-                 on_done: Callable[[str, Completion, float | None], None] | None = None) -> None:
+                 on_done: Callable[[str, Completion, float | None], None] | None = None,
+                 images: ImageRunner | None = None) -> None:
         self.key = key
+        self.images = images
         self.verifier = verifier
         self.scheduler = scheduler
         self.limits = limits
@@ -146,23 +209,23 @@ class Executor:
         except ProtocolError as exc:
             await self._refuse(frames, "protocol", f"{exc.reason}: {exc}")
             return
-        rid = request.request_id
         try:
-            engine, call = self._accept(request)
-            prepared = engine.prepare(call.request)
-            self.scheduler.check(engine)
+            if request.deadline_ms < now_ms():
+                raise PeerUnavailable("the request's deadline has passed")
+            if request.kind == "image":
+                work = self._image_work(request)
+            else:
+                work = self._text_work(request)
         except RequestError as exc:
             retry = int(exc.retry_after * 1000) if isinstance(exc, Busy) else None
-            await self._refuse(frames, _code_for(exc), str(exc), rid, retry)
+            await self._refuse(frames, _code_for(exc), str(exc), request.request_id, retry)
             await self._audit("execute", "rejected", request, remote, error_code=_code_for(exc))
             return
-        await self._run(frames, remote, request, raw, engine, prepared, session)
+        await self._execute(frames, remote, request, raw, session, work)
 
-    def _accept(self, request: InferenceRequest) -> tuple[TextEngine, ChatCall]:
-        if request.deadline_ms < now_ms():
-            raise PeerUnavailable("the request's deadline has passed")
+    def _text_work(self, request: InferenceRequest) -> _Work:
         engine = self.scheduler.find(request.model)
-        if engine is None:
+        if engine is None or engine.card.modality != "text":
             raise ModelNotFound(f"model {request.model} is not served here")
         if request.model_digest is not None and request.model_digest != engine.card.digest:
             raise ModelNotFound(f"model {request.model} here has another digest")
@@ -170,33 +233,51 @@ class Executor:
             raise InvalidRequest(f"request kind {request.kind} is not served over the mesh yet")
         parse = parse_chat if request.kind == "chat" else parse_completion
         call = parse(dict(request.params), self.limits)
-        return engine, call
-
-    async def _run(self, frames: FrameStream, remote: bytes, request: InferenceRequest,
-                   request_raw: bytes, engine: TextEngine, prepared: Any,
-                   session: InferenceSession) -> None:
+        prepared = engine.prepare(call.request)
+        self.scheduler.check(engine)
         completion = Completion()
-        output = OutputDigest()
+
+        async def run(reply: _Reply) -> None:
+            async with self.scheduler.admit(engine):
+                async with aclosing(engine.stream(prepared, completion)) as batches:
+                    async for batch in batches:
+                        reply.started()
+                        tokens = completion.completion_tokens - reply.tokens
+                        await reply.chunk("".join(batch), tokens)
+            if completion.completion_tokens > reply.tokens:
+                # tokens that produced no text (e.g. a stop string): count them
+                await reply.chunk("", completion.completion_tokens - reply.tokens)
+
+        def done(reply: _Reply) -> None:
+            if self.on_done is not None:
+                self.on_done(engine.card.name, completion, reply.first)
+
+        return _Work(run=run, digest=engine.card.digest, completion=completion, done=done)
+
+    def _image_work(self, request: InferenceRequest) -> _Work:
+        if self.images is None or not self.images.serves(request.model):
+            raise ModelNotFound(f"image model {request.model} is not served here")
+        digest_ = self.images.digest(request.model)
+        completion = Completion(finish_reason="stop")
+        params = dict(request.params)
+
+        async def run(reply: _Reply) -> None:
+            assert self.images is not None
+            pngs = await self.images.run(request.model, params)
+            reply.started()
+            for index, png in enumerate(pngs):  # each image: chunks of at most 512 KiB
+                for offset in range(0, max(len(png), 1), IMAGE_CHUNK):
+                    await reply.chunk(str(index), 1 if offset == 0 else 0,
+                                      png[offset:offset + IMAGE_CHUNK])
+            completion.completion_tokens = len(pngs)
+
+        return _Work(run=run, digest=digest_, completion=completion, done=lambda reply: None)
+
+    async def _execute(self, frames: FrameStream, remote: bytes, request: InferenceRequest,
+                       request_raw: bytes, session: InferenceSession, work: _Work) -> None:
+        reply = _Reply(self, frames, request.request_id)
+        completion = work.completion
         started = time.perf_counter()
-        first: float | None = None
-        state = {"seq": 0, "sent_tokens": 0, "last_send": trio.current_time()}
-        sending = trio.Lock()  # seq numbers are assigned and sent in one step
-
-        async def send(make: Callable[[int], Any], ttl_ms: int = 60_000) -> None:
-            async with sending:
-                await self._send(frames, make(state["seq"]), ttl_ms)
-                state["seq"] += 1
-                state["last_send"] = trio.current_time()
-
-        async def chunk(text: str, tokens: int) -> None:
-            await send(lambda seq: ResultChunk(request_id=request.request_id, seq=seq,
-                                               text=text, tokens=tokens))
-
-        async def heartbeat() -> None:
-            while True:
-                await trio.sleep(self.timing.heartbeat_s)
-                if trio.current_time() - state["last_send"] >= self.timing.heartbeat_s:
-                    await chunk("", 0)
 
         async def watch_for_cancel(scope: trio.CancelScope) -> None:
             try:
@@ -209,34 +290,21 @@ class Executor:
             except (StreamGone, ProtocolError):
                 scope.cancel()  # the requester went away: stop generating
 
-        cancelled = False
         failure: RequestError | None = None
         async with trio.open_nursery() as nursery:
-            work = trio.CancelScope()
-            nursery.start_soon(watch_for_cancel, work)
-            nursery.start_soon(heartbeat)
-            with work:
+            scope = trio.CancelScope()
+            nursery.start_soon(watch_for_cancel, scope)
+            nursery.start_soon(reply.heartbeat)
+            with scope:
                 try:
-                    async with self.scheduler.admit(engine):
-                        async with aclosing(engine.stream(prepared, completion)) as batches:
-                            async for batch in batches:
-                                if first is None:
-                                    first = time.perf_counter()
-                                text = "".join(batch)
-                                output.update(text)
-                                tokens = completion.completion_tokens - state["sent_tokens"]
-                                state["sent_tokens"] += tokens
-                                await chunk(text, tokens)
+                    await work.run(reply)
                 except RequestError as exc:
                     failure = exc
-            cancelled = work.cancelled_caught
+            cancelled = scope.cancelled_caught
             if cancelled:
                 completion.finish_reason = "cancelled"
-            if failure is None and completion.completion_tokens > state["sent_tokens"]:
-                # tokens that produced no text (e.g. a stop string): count them
-                await chunk("", completion.completion_tokens - state["sent_tokens"])
             total_ms = int((time.perf_counter() - started) * 1000)
-            ttft_ms = int(((first or time.perf_counter()) - started) * 1000)
+            ttft_ms = int(((reply.first or time.perf_counter()) - started) * 1000)
             try:
                 if failure is not None:
                     await self._audit("execute", "error", request, remote,
@@ -246,24 +314,23 @@ class Executor:
                 else:
                     receipt = Receipt(
                         request_id=request.request_id, request_digest=digest(request_raw),
-                        requester=remote, model=request.model, model_digest=engine.card.digest,
+                        requester=remote, model=request.model, model_digest=work.digest,
                         tokens_in=completion.prompt_tokens,
                         tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
                         total_ms=total_ms, price=0, jurisdiction=self.jurisdiction,
-                        output_digest=output.digest())
+                        output_digest=reply.output.digest())
                     receipt_raw = seal(self.key, receipt, now_ms=now_ms(), ttl_ms=0)
                     await self._audit("execute", "cancelled" if cancelled else "ok", request,
                                       remote, tokens_in=completion.prompt_tokens,
                                       tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
                                       total_ms=total_ms, receipt_sig=receipt_raw[-64:])
-                    await send(lambda seq: ResultEnd(
+                    await reply.send(lambda seq: ResultEnd(
                         request_id=request.request_id, seq=seq,
                         finish_reason=completion.finish_reason or "stop", receipt=receipt_raw))
             finally:
                 nursery.cancel_scope.cancel()
                 self.served += 1
-                if self.on_done is not None:
-                    self.on_done(engine.card.name, completion, first)
+                work.done(reply)
 
     async def _audit(self, kind: str, outcome: str, request: InferenceRequest, remote: bytes,
                      **fields: Any) -> None:

@@ -99,15 +99,22 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     assert c.peer_id in listing and "alive" in listing and "smollm2" in listing
 
 
-def test_kill_9_before_the_first_token_is_retried_elsewhere(nodes):
+def entry_and_two_servers(nodes):
+    """A (no model) knows B and C (both serving); C has measured its speed, so A ranks it
+    first."""
     c = nodes("c")
     b = nodes("b")
     a = nodes("a", "--no-default-model", "--peer", c.addr, "--peer", b.addr)
     for n in (a, b, c):
         n.wait_ready()
-    warm(c)  # C measured and fast: A ranks it first
-    a.wait_for(lambda s: knows("smollm2", b.peer_id)(s) and any(
-        p["id"] == c.peer_id for p in s["peers"]), 15, "B and C in A's table")
+    warm(c)
+    a.wait_for(lambda s: knows("smollm2", b.peer_id)(s) and knows("smollm2", c.peer_id)(s), 15,
+               "B and C alive in A's table")
+    return a, b, c
+
+
+def test_kill_9_before_the_first_token_is_retried_elsewhere(nodes):
+    a, b, c = entry_and_two_servers(nodes)
     os.kill(c.proc.pid, signal.SIGKILL)
     c.proc.wait(10)
     r = sdk(a).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
@@ -120,19 +127,13 @@ def test_kill_9_before_the_first_token_is_retried_elsewhere(nodes):
 
 
 def test_a_frozen_peer_is_detected_and_routed_around(nodes):
-    c = nodes("c")
-    b = nodes("b")
-    a = nodes("a", "--no-default-model", "--peer", c.addr, "--peer", b.addr)
-    for n in (a, b, c):
-        n.wait_ready()
-    warm(c)
-    a.wait_for(lambda s: knows("smollm2", b.peer_id)(s) and knows("smollm2", c.peer_id)(s), 15,
-               "B and C alive in A's table")
+    a, b, c = entry_and_two_servers(nodes)
     os.kill(c.proc.pid, signal.SIGSTOP)
     start = time.monotonic()
     r = sdk(a).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
     took = time.monotonic() - start
-    assert r.choices[0].message.content and took < 15
+    # bound: connect timeout (3 s) or frame timeout (5 s), then the answer from B
+    assert r.choices[0].message.content and took < 30
     status = a.wait_for(lambda s: [p["state"] for p in s["peers"]
                                    if p["id"] == c.peer_id] == ["dead"], 20, "C dead")
     assert any(p["id"] == b.peer_id and p["state"] == "alive" for p in status["peers"])

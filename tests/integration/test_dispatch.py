@@ -106,3 +106,15 @@ async def test_remote_job_is_served_by_the_api(tmp_path, autojump_clock):
     r = await client.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert (await r.get_json())["choices"][0]["message"]["content"] == "remote"
+
+
+async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, autojump_clock):
+    from rbee_p2p.config import NodeConfig
+    from rbee_p2p.node import Node
+
+    node = Node(NodeConfig(home=tmp_path, default_model=False), [], "peer")
+    node.dispatcher.remote = FakeRemote({b"a": 100.0}, fail=[b"a"])
+    r = await node.app.test_client().post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500  # PeerUnavailable is an EngineFailure: 500, found via the MRO
+    assert (await r.get_json())["error"]["type"] == "server_error"
