@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -26,7 +27,7 @@ from .mesh.forward import Executor
 from .mesh.service import LocalInfo, Mesh, MeshConfig
 from .protocol.envelope import Verifier
 from .protocol.identity import NodeKey
-from .protocol.messages import DeviceInfo, ModelInfo
+from .protocol.messages import DeviceInfo
 from .store.audit import AuditLog
 from .store.keys import load_or_create_key
 from .store.writer import AuditWriter
@@ -128,15 +129,15 @@ class Node:
 
     def local_info(self) -> LocalInfo:
         """What this node offers now, for its capability advert."""
-        models, queued, active = [], 0, 0
+        queued = active = 0
         for engine in self.scheduler.engines:
-            card, load = engine.card, self.scheduler.load(engine.card.name)
+            load = self.scheduler.load(engine.card.name)
             queued, active = queued + load.queue_depth, active + load.active
-            models.append(ModelInfo(
-                name=card.name[:128], digest=card.digest, modality=card.modality,
-                context=card.context, size_bytes=card.size_bytes, device=card.device[:32],
-                tokens_per_s=round(self.dispatcher.tokens_per_s.get(card.name, 0.0), 1)))
-        return LocalInfo(models=tuple(models), devices=self.devices(), queue_depth=queued,
+        # device set only for pinned models; speed as measured here
+        models = tuple(dataclasses.replace(
+            m, tokens_per_s=round(self.dispatcher.tokens_per_s.get(m.name, 0.0), 1))
+            for m in self.capacity.model_infos(self.scheduler.engines))
+        return LocalInfo(models=models, devices=self.devices(), queue_depth=queued,
                          active_jobs=active, max_queue=self.config.max_queue)
 
     def build_mesh(self) -> Mesh:
@@ -145,7 +146,7 @@ class Node:
         verifier = Verifier()
         executor = Executor(self.key, verifier, self.scheduler, self.limits,
                             jurisdiction=c.jurisdiction, audit=self.audit,
-                            on_done=self.dispatcher.account)
+                            on_done=self.dispatcher.account, images=self.images)
         mesh_config = MeshConfig(
             listen=c.p2p_listen, peers=c.peers, bootstrap=c.bootstrap, swarm=c.swarm,
             mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,
@@ -154,6 +155,7 @@ class Node:
             mdns_interfaces=c.mdns_interfaces)
         self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
         self.dispatcher.remote = self.mesh
+        self.images.remote = self.mesh
         return self.mesh
 
 

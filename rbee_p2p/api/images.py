@@ -150,6 +150,13 @@ def parse_images(body: dict[str, Any], limits: ImageLimits) -> ImageCall:
     return ImageCall(model=model, request=request, response_format=fmt)
 
 
+def _png_size(png: bytes) -> str:
+    """"WxH" from a PNG's IHDR chunk ("0x0" if it is not a PNG)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return "0x0"
+    return f"{int.from_bytes(png[16:20], 'big')}x{int.from_bytes(png[20:24], 'big')}"
+
+
 def _is_size(text: str) -> bool:
     w, sep, h = text.partition("x")
     return bool(sep) and w.isdigit() and h.isdigit() and len(w) <= 5 and len(h) <= 5
@@ -217,6 +224,7 @@ class ImageService:
         self.requests_served: dict[str, int] = {} if requests_served is None \
             else requests_served
         self.failures: dict[str, int] = {}
+        self.remote: Any = None  # the mesh, if any: serves_image / image_models / images
 
     def image_engines(self) -> list[ImageEngine]:
         return [e for e in self.scheduler.engines if isinstance(e, ImageEngine)]
@@ -245,8 +253,7 @@ class ImageService:
                                  f"model ({names})", param="model")
         return engine
 
-    async def generate(self, call: ImageCall, base_url: str) -> dict[str, Any]:
-        engine = self.lookup(call.model)
+    async def _run_local(self, engine: ImageEngine, call: ImageCall) -> tuple[list[bytes], str]:
         job = engine.prepare(call.request)
         self.scheduler.check(engine)
         name = engine.card.name
@@ -262,13 +269,45 @@ class ImageService:
         self.images_generated[name] = self.images_generated.get(name, 0) + len(result.images)
         log.info("%s: %d image(s) %dx%d, %d steps in %.2fs", name, len(result.images),
                  job.width, job.height, job.steps, time.perf_counter() - started)
+        return list(result.images), f"{job.width}x{job.height}"
+
+    async def generate(self, call: ImageCall, base_url: str,
+                       body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Here if this node serves the model, else on a peer that does (``remote``)."""
+        try:
+            engine = self.lookup(call.model)
+        except (ModelNotFound, ModelUnavailable):
+            model = call.model or (self.remote.image_models() or [None])[0] \
+                if self.remote is not None else None
+            if self.remote is None or model is None or not self.remote.serves_image(model):
+                raise
+            pngs = await self.remote.images(model, {**(body or {}), "model": model},
+                                            call.request.n)
+            size = _png_size(pngs[0]) if pngs else "0x0"
+        else:
+            pngs, size = await self._run_local(engine, call)
         if call.response_format == "url":
             data = [{"url": f"{base_url.rstrip('/')}/v1/images/files/{self.store.put(png)}.png"}
-                    for png in result.images]
+                    for png in pngs]
         else:
-            data = [{"b64_json": b64encode(png).decode()} for png in result.images]
-        return {"created": int(time.time()), "data": data, "size": f"{job.width}x{job.height}",
+            data = [{"b64_json": b64encode(png).decode()} for png in pngs]
+        return {"created": int(time.time()), "data": data, "size": size,
                 "quality": call.request.quality or "auto", "output_format": "png"}
+
+    # -- mesh.forward.ImageRunner: image jobs from peers ---------------------------------
+
+    def serves(self, model: str) -> bool:
+        return any(e.card.name == model or model in e.card.aliases
+                   for e in self.image_engines())
+
+    def digest(self, model: str) -> bytes:
+        return self.lookup(model).card.digest
+
+    async def run(self, model: str, params: dict[str, Any]) -> list[bytes]:
+        """A peer's request, validated here with our own limits.  Raises RequestError."""
+        call = parse_images({**params, "model": model}, self.limits)
+        pngs, _ = await self._run_local(self.lookup(model), call)
+        return pngs
 
     def status(self) -> dict[str, Any]:
         return {"models": [e.card.name for e in self.image_engines()],
@@ -290,8 +329,9 @@ class ImageService:
 
         @app.post("/v1/images/generations")
         async def images_generations() -> Response:
-            call = parse_images(await get_body(), self.limits)
-            result = await self.generate(call, request.host_url)
+            body = await get_body()
+            call = parse_images(body, self.limits)
+            result = await self.generate(call, request.host_url, body)
             return Response(json.dumps(result), mimetype="application/json")
 
         @app.get("/v1/images/files/<name>")

@@ -16,7 +16,7 @@ import os
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
 
 import trio
 
@@ -48,7 +48,8 @@ from ..protocol.session import InferenceSession
 from ..store.writer import AuditWriter
 from .frames import ByteStream, FrameStream, StreamGone
 
-__all__ = ["PROTOCOL_ID", "Timing", "Executor", "RemoteJob", "ERROR_CODES"]
+__all__ = ["PROTOCOL_ID", "Timing", "Executor", "RemoteJob", "ERROR_CODES", "ImageOrder",
+           "ImageRunner", "fetch_images"]
 
 log = logging.getLogger(__name__)
 PROTOCOL_ID = "/rbee/infer/1.0.0"
@@ -341,6 +342,39 @@ class Executor:
                                     jurisdiction=self.jurisdiction or None, **fields)
 
 
+@dataclass(frozen=True)
+class _Budget:
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class ImageOrder:
+    """An image request to forward: the OpenAI body as the client sent it."""
+
+    model: str
+    body: dict[str, Any]
+    n: int = 1
+    stream: bool = False
+
+    @property
+    def request(self) -> _Budget:
+        return _Budget(max_tokens=self.n)
+
+
+async def fetch_images(peer: bytes, open_stream: OpenStream, order: ImageOrder,
+                       **kwargs: Any) -> list[bytes]:
+    """Run an image request on ``peer``; the PNGs, in order.  Raises like
+    :meth:`RemoteJob.start`, or EngineFailure mid-way."""
+    job = await RemoteJob.start(peer, open_stream, order, "image", **kwargs)
+    async with aclosing(job.batches()) as batches:
+        async for _ in batches:
+            pass
+    images: dict[str, bytes] = {}
+    for label, data in job.data:
+        images[label] = images.get(label, b"") + data
+    return [images[k] for k in sorted(images, key=int)]
+
+
 OpenStream = Callable[[bytes, bool], Awaitable[ByteStream]]
 """``open_stream(peer, fresh)``: a stream to ``peer``; with ``fresh`` false it may be one
 opened in advance (negotiating a new stream costs a few ms of round trips)."""
@@ -366,11 +400,13 @@ class RemoteJob:
         self.completion = Completion()
         self.output = OutputDigest()
         self.receipt: Receipt | None = None
+        self.data: list[tuple[str, bytes]] = []  # (label, bytes) of chunks that carry data
         self._first: list[str] | None = None
         self._started = time.perf_counter()
 
     @classmethod
-    async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall, kind: Kind, *,
+    async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall | ImageOrder,
+                    kind: Kind | Literal["image"], *,
                     key: NodeKey, verifier: Verifier, timing: Timing = Timing(),
                     max_frame: int = 1 << 20, audit: AuditWriter | None = None,
                     connect_timeout_s: float = 3.0,
@@ -392,7 +428,7 @@ class RemoteJob:
             request = InferenceRequest(
                 request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
                 params=call.body, stream=call.stream, max_tokens=call.request.max_tokens,
-                deadline_ms=now_ms() + int(timing.deadline_s * 1000))
+                deadline_ms=now_ms() + int(timing.deadline_s * 1000))  # type: ignore[union-attr]
             raw = seal(key, request, now_ms=now_ms())
             session = InferenceSession(request.request_id, key.peer_id, peer)
             session.observe(key.peer_id, request)
@@ -429,6 +465,8 @@ class RemoteJob:
                 raise PeerUnavailable(f"protocol error from peer: {exc.reason}: {exc}") from None
             if isinstance(message, ResultChunk):
                 self.output.update(message.text, message.data)
+                if message.data is not None:
+                    self.data.append((message.text, message.data))
                 if message.text:
                     return [message.text]
                 continue  # heartbeat, or tokens without text

@@ -25,7 +25,7 @@ from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
 from ..routing import Offer
 from ..store.writer import AuditWriter
-from .forward import PROTOCOL_ID, Executor, RemoteJob, Timing
+from .forward import PROTOCOL_ID, Executor, ImageOrder, RemoteJob, Timing, fetch_images
 from .host import build_host, psk_from_secret
 
 __all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key"]
@@ -307,6 +307,36 @@ class Mesh:
                                      queue_depth=advert.queue_depth,
                                      active_jobs=advert.active_jobs, max_queue=advert.max_queue))
         return out
+
+    def _image_peers(self, model: str) -> list[bytes]:
+        """Live peers serving image model ``model``, least loaded first."""
+        entries = [e for e in self.table.alive() if any(
+            m.name == model and m.modality == "image" for m in e.advert.models)]
+        entries.sort(key=lambda e: (e.advert.queue_depth + e.advert.active_jobs,
+                                    e.advert.queue_depth >= e.advert.max_queue))
+        return [e.peer_id for e in entries]
+
+    def image_models(self) -> list[str]:
+        return sorted({m.name for e in self.table.alive() for m in e.advert.models
+                       if m.modality == "image"})
+
+    def serves_image(self, model: str) -> bool:
+        return bool(self._image_peers(model))
+
+    async def images(self, model: str, body: dict[str, Any], n: int) -> list[bytes]:
+        """Run an image request on the best peer serving ``model`` (the next one if it
+        cannot be reached).  Raises RequestError."""
+        failure: Exception | None = None
+        for peer in self._image_peers(model):
+            try:
+                return await fetch_images(
+                    peer, self._open_stream, ImageOrder(model=model, body=body, n=n),
+                    key=self.key, verifier=self.verifier, timing=self.config.timing,
+                    audit=self.audit, on_failure=self.report_failure)
+            except PeerUnavailable as exc:
+                self.report_failure(peer)
+                failure = exc
+        raise failure or PeerUnavailable(f"no reachable peer serves {model}")
 
     def serves(self, model: str) -> bool:
         return any(m.name == model for e in self.table.peers.values()

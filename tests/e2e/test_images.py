@@ -247,3 +247,30 @@ def test_loading_a_local_folder_never_contacts_the_hub(tmp_path, tiny_sd, monkey
         watcher.join(5)
         hub.close()
     assert contacted == []
+
+
+def test_images_are_forwarded_through_the_mesh(tmp_path, tiny_sd):
+    """A has no image model; C has the tiny pipeline: A's image request runs on C."""
+    c = NodeProcess(tmp_path / "c", "--no-default-model", "--model", f"tiny={tiny_sd}")
+    a = None
+    try:
+        c.wait_ready()
+        a = NodeProcess(tmp_path / "a", "--no-default-model", "--peer", c.addr)
+        a.wait_ready()
+        a.wait_for(lambda s: any(p["id"] == c.peer_id and "tiny" in p["models"]
+                                 for p in s["peers"]), 20, "C's image model at A")
+        with openai.OpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0,
+                           timeout=60) as client:
+            r = client.images.generate(model="tiny", prompt="a bee", size="64x64", n=2,
+                                       extra_body={"steps": 2, "seed": 3})
+            assert [image(base64.b64decode(d.b64_json)).size for d in r.data] == [(64, 64)] * 2
+            url = client.images.generate(model="tiny", prompt="a bee", size="64x64",
+                                         response_format="url",
+                                         extra_body={"steps": 2}).data[0].url
+        assert url.startswith(a.url)  # served by A, the node the client talks to
+        assert image(httpx.get(url, timeout=30).content).format == "PNG"
+        assert c.status()["images"]["images_generated"] == {"tiny": 3}
+    finally:
+        for node in (a, c):
+            if node is not None:
+                node.kill()

@@ -220,3 +220,41 @@ async def test_a_request_signed_by_someone_else_is_refused(nursery, autojump_clo
         await RemoteJob.start(B.peer_id, open_stream, call(), "chat", key=impostor,
                               verifier=Verifier(), timing=TIMING)
     assert executor.served == 0
+
+
+class FakeImages:
+    def __init__(self, pngs):
+        self.pngs = pngs
+        self.asked = []
+
+    def serves(self, model):
+        return model == "painter"
+
+    def digest(self, model):
+        return bytes(32)
+
+    async def run(self, model, params):
+        self.asked.append(params)
+        await trio.sleep(3)  # slower than a heartbeat: the requester must wait, not give up
+        return self.pngs
+
+
+async def test_images_are_forwarded_whole_even_when_larger_than_a_chunk(nursery, autojump_clock):
+    from rbee_p2p.mesh.forward import ImageOrder, fetch_images
+
+    pngs = [b"\x89PNG" + bytes(700 * 1024), b"\x89PNG small"]
+    images = FakeImages(pngs)
+    executor = Executor(B, Verifier(), Scheduler([]), Limits(), timing=TIMING, images=images)
+
+    async def open_stream(peer, fresh):
+        left, right = trio.testing.memory_stream_pair()
+        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        return Mem(left)
+
+    order = ImageOrder(model="painter", body={"prompt": "a bee", "n": 2}, n=2)
+    got = await fetch_images(B.peer_id, open_stream, order, key=A, verifier=Verifier(),
+                             timing=TIMING)
+    assert got == pngs and images.asked == [{"prompt": "a bee", "n": 2}]
+    with pytest.raises(PeerUnavailable):  # not an image model there: try another peer
+        await fetch_images(B.peer_id, open_stream, ImageOrder(model="other", body={}),
+                           key=A, verifier=Verifier(), timing=TIMING)
