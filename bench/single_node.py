@@ -125,13 +125,17 @@ def main() -> None:
     rbee_url, llama_url = f"http://127.0.0.1:{rbee_port}", f"http://127.0.0.1:{llama_port}"
     env = {"RBEE_HOME": str(tmp / "home")}
 
-    with server(["rbee-node", "start", "--no-default-model", "--port", str(rbee_port)],
+    # the mesh runs as by default, but on loopback and without mDNS (nothing leaves this host)
+    local_mesh = ["--no-mdns", "--p2p-listen", "/ip4/127.0.0.1/tcp/0"]
+    with server(["rbee-node", "start", "--no-default-model", "--port", str(rbee_port),
+                 *local_mesh],
                 rbee_url + "/health", tmp / "idle.log", env=env) as idle:
         time.sleep(1.0)
         idle_rss = rss_mib(idle.pid)
 
     llm = Llama(model, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
-    with server(["rbee-node", "start", "--port", str(rbee_port)], rbee_url + "/health",
+    with server(["rbee-node", "start", "--port", str(rbee_port), *local_mesh],
+                rbee_url + "/health",
                 tmp / "rbee.log", env=env) as rbee, \
          server([sys.executable, "-m", "llama_cpp.server", "--model", model, "--port",
                  str(llama_port), "--n_threads", str(threads), "--n_threads_batch", str(threads),

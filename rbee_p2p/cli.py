@@ -191,6 +191,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RbeeError as exc:
         print(f"rbee-node: error: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # raised inside the node's nurseries
+        leaves = list(_leaves(group))
+        if not leaves or not all(isinstance(e, RbeeError) for e in leaves):
+            raise
+        for exc in leaves:
+            print(f"rbee-node: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Any:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 if __name__ == "__main__":

@@ -174,8 +174,9 @@ async def _serve_http(node: Node, shutdown: trio.Event,
     try:
         await serve(node.app, hc, shutdown_trigger=shutdown.wait,  # type: ignore[arg-type]
                     task_status=task_status)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
+    except* OSError as group:
+        in_use, _ = group.split(lambda e: getattr(e, "errno", None) == errno.EADDRINUSE)
+        if in_use is not None:
             raise ConfigError(f"{host}:{node.config.port} is already in use; is another "
                               "rbee-node running? Use --port to pick another") from None
         raise

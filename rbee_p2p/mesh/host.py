@@ -29,10 +29,31 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ..protocol.identity import NodeKey, peer_id_to_str
 
-__all__ = ["build_host", "keypair", "psk_from_secret", "SECURITY_PROTOCOLS"]
+__all__ = ["build_host", "keypair", "psk_from_secret", "SECURITY_PROTOCOLS", "check_ports_free"]
 
 log = logging.getLogger(__name__)
 SECURITY_PROTOCOLS = (NOISE_PROTOCOL_ID,)
+
+
+def check_ports_free(listen: Iterable[str]) -> None:
+    """Refuse listen ports already taken.  py-libp2p binds with SO_REUSEPORT, so a second
+    node on the same port would start and silently share (and break) the first one's
+    connections.  Raises :class:`ConfigError`."""
+    import socket
+
+    from ..errors import ConfigError
+
+    for addr in listen:
+        parts = addr.split("/")
+        if len(parts) < 5 or parts[3] != "tcp" or parts[4] == "0":
+            continue
+        family = socket.AF_INET6 if parts[1] == "ip6" else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((parts[2], int(parts[4])))
+            except OSError as exc:
+                raise ConfigError(f"p2p address {addr} is not available ({exc.strerror}); is "
+                                  "another rbee-node running? Use --p2p-listen") from None
 
 
 def keypair(key: NodeKey) -> KeyPair:

@@ -36,7 +36,14 @@ def interface_ips(names: tuple[str, ...]) -> list[str]:
 
 
 async def run_mdns(mesh: Mesh, interfaces: tuple[str, ...]) -> None:
-    from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+    from zeroconf import (
+        InterfaceChoice,
+        IPVersion,
+        ServiceBrowser,
+        ServiceInfo,
+        ServiceStateChange,
+        Zeroconf,
+    )
 
     ips = interface_ips(interfaces) if interfaces else None
     if interfaces and not ips:
@@ -75,12 +82,17 @@ async def run_mdns(mesh: Mesh, interfaces: tuple[str, ...]) -> None:
                 pass
 
     def start() -> tuple[Any, Any]:
-        zc = Zeroconf(interfaces=ips if ips else None, ip_version=IPVersion.V4Only)
+        zc = Zeroconf(interfaces=ips if ips else InterfaceChoice.All,
+                      ip_version=IPVersion.V4Only)
         zc.register_service(info)
         browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
         return zc, browser
 
-    zc, browser = await trio.to_thread.run_sync(start)
+    try:
+        zc, browser = await trio.to_thread.run_sync(start)
+    except Exception as exc:  # no multicast here, no such interface, ...: run without
+        log.error("mDNS discovery is off: %s: %s", type(exc).__name__, exc)
+        return
     log.info("mDNS: announcing %s on %s", mesh.key.peer_id_str[:16], announce)
     try:
         async for addr in receive:

@@ -26,7 +26,7 @@ from ..protocol.peers import PeerState, PeerTable
 from ..routing import Offer
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, ImageOrder, RemoteJob, Timing, fetch_images
-from .host import build_host, psk_from_secret
+from .host import build_host, check_ports_free, psk_from_secret
 
 __all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key"]
 
@@ -113,6 +113,7 @@ class Mesh:
             from ..protocol.identity import peer_id_from_str
 
             allow = [peer_id_from_str(p) for p in cfg.allow]
+        check_ports_free(cfg.listen)
         self.host = host = build_host(self.key, cfg.listen, psk=psk, allow=allow)
         router = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, GS10], degree=6,
                            degree_low=4, degree_high=12, heartbeat_interval=1,

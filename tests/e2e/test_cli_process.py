@@ -29,3 +29,23 @@ def test_id_is_stable_across_runs(tmp_path):
     first, second = run("id", env=env), run("id", env=env)
     assert first.returncode == 0 and first.stdout == second.stdout
     assert first.stdout.startswith("12D3KooW")
+
+
+@pytest.mark.parametrize("which", ["http", "p2p"])
+def test_a_taken_port_is_a_clear_error(tmp_path, which):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        other = free.getsockname()[1]
+        free.close()
+        http, p2p = (port, other) if which == "http" else (other, port)
+        r = run("start", "--no-default-model", "--no-mdns", "--port", str(http),
+                "--p2p-listen", f"/ip4/127.0.0.1/tcp/{p2p}", env={"RBEE_HOME": str(tmp_path)})
+    assert r.returncode == 1
+    assert "rbee-node: error:" in r.stderr and "another rbee-node" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -48,3 +48,18 @@ def test_psk_from_a_passphrase_or_a_key():
     derived = psk_from_secret("team secret")
     assert len(derived) == 64 and derived == psk_from_secret(" team secret ")
     assert derived != psk_from_secret("other")
+
+
+def test_a_taken_p2p_port_is_refused_up_front():
+    import socket
+
+    from rbee_p2p.errors import ConfigError
+    from rbee_p2p.mesh.host import check_ports_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="another rbee-node"):
+            check_ports_free([f"/ip4/127.0.0.1/tcp/{port}"])
+    check_ports_free([f"/ip4/127.0.0.1/tcp/{port}", "/ip4/127.0.0.1/tcp/0"])

@@ -60,7 +60,10 @@ def test_two_nodes_find_each_other_by_mdns(namespaces, tmp_path):
     nodes = []
     try:
         for (ns, dev, ip), name in zip(namespaces, "ab"):
-            node = NodeProcess(tmp_path / name, "-v", "--mdns", "--mdns-interface", dev, "--no-dht",
+            # a: only its veth; b: every interface of its namespace (lo and its veth), as a
+            # node started without --mdns-interface does
+            only = ("--mdns-interface", dev) if name == "a" else ()
+            node = NodeProcess(tmp_path / name, "-v", "--mdns", *only, "--no-dht",
                                "--no-default-model", prefix=("ip", "netns", "exec", ns),
                                p2p_host=ip)
             nodes.append((ns, node))
