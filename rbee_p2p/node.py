@@ -156,6 +156,7 @@ class Node:
         self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
         self.dispatcher.remote = self.mesh
         self.images.remote = self.mesh
+        self.scheduler.listeners.append(self.mesh.poke)
         return self.mesh
 
 

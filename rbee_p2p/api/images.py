@@ -35,8 +35,8 @@ import trio
 from quart import Response, request
 
 from ..engines.diffusion import MAX_STEPS, QUALITIES, ImageEngine, ImageRequest
-from ..errors import InvalidRequest, ModelNotFound, ModelUnavailable, PayloadTooLarge
-from .schemas import parse_json
+from ..errors import InvalidRequest, ModelNotFound, ModelUnavailable
+from .schemas import int_param
 from .serving import error_body
 
 __all__ = ["ImageLimits", "ImageCall", "ImageStore", "ImageService", "parse_images", "image_limits"]
@@ -73,17 +73,6 @@ UNSUPPORTED = {"background", "moderation", "output_compression", "style", "parti
                "input_fidelity", "image", "mask"}
 
 
-def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{key}' must be an integer", param=key)
-    if not lo <= value <= hi:
-        raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-    return value
-
-
 def _text(body: dict[str, Any], key: str, limit: int) -> str | None:
     value = body.get(key)
     if value is None:
@@ -113,7 +102,7 @@ def parse_images(body: dict[str, Any], limits: ImageLimits) -> ImageCall:
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise InvalidRequest("'model' must be a non-empty string", param="model")
-    n = _int(body, "n", 1, 1 << 30)
+    n = int_param(body, "n", 1, 1 << 30)
     if n is not None and n > limits.max_images:
         raise InvalidRequest(f"'n' is {n}; this node generates at most {limits.max_images} "
                              "images per request", param="n")
@@ -140,10 +129,10 @@ def parse_images(body: dict[str, Any], limits: ImageLimits) -> ImageCall:
             guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= 50):
         raise InvalidRequest("'guidance_scale' must be a number between 0 and 50",
                              param="guidance_scale")
-    seed = _int(body, "seed", -(2**63), 2**64 - 1)
+    seed = int_param(body, "seed", -(2**63), 2**64 - 1)
     request = ImageRequest(
         prompt=prompt, n=n or 1, size=size, quality=quality,
-        steps=_int(body, "steps", 1, MAX_STEPS),
+        steps=int_param(body, "steps", 1, MAX_STEPS),
         guidance=None if guidance is None else float(guidance),
         negative_prompt=_text(body, "negative_prompt", limits.max_prompt_chars),
         seed=None if seed is None else seed & (2**63 - 1))
@@ -314,18 +303,9 @@ class ImageService:
                 "images_generated": dict(self.images_generated),
                 "failures": dict(self.failures), "url_store": len(self.store)}
 
-    def register(self, app: Any, body: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-                 max_body_bytes: int = 4 << 20) -> None:
-        """Add the routes to a quart app.  ``body`` reads and parses the request body
-        (the app's own helper, with its size limit), else one is built here."""
-        async def read_body() -> dict[str, Any]:
-            length = request.content_length
-            if length is not None and length > max_body_bytes:
-                raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of "
-                                      f"{max_body_bytes} bytes")
-            return parse_json(await request.get_data(cache=False))
-
-        get_body = body or read_body
+    def register(self, app: Any, get_body: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """Add the routes to a quart app.  ``get_body`` reads and parses the request body
+        (the app's own helper, with its size limit)."""
 
         @app.post("/v1/images/generations")
         async def images_generations() -> Response:

@@ -18,6 +18,7 @@ from ..engines.base import TextRequest
 from ..errors import InvalidRequest
 
 __all__ = [
+    "int_param",
     "ChatCall",
     "EmbeddingsCall",
     "parse_json",
@@ -95,7 +96,8 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return float(value)
 
 
-def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+def int_param(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    """``body[key]`` as an int in [lo, hi], or None if absent.  Raises InvalidRequest."""
     value = body.get(key)
     if value is None:
         return None
@@ -114,7 +116,7 @@ def _model(body: dict[str, Any]) -> str:
 
 
 def _common(body: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], bool, bool]:
-    n = _int(body, "n", 1, 1 << 30)
+    n = int_param(body, "n", 1, 1 << 30)
     if n not in (None, 1):
         raise InvalidRequest("only n=1 is supported", param="n")
     stop = body.get("stop")
@@ -145,7 +147,7 @@ def _common(body: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], bool,
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true",
                                  param="stream_options")
         include_usage = bool(options.get("include_usage", False))
-    seed = _int(body, "seed", -(2**63), 2**63 - 1)
+    seed = int_param(body, "seed", -(2**63), 2**63 - 1)
     fields = dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
@@ -159,7 +161,7 @@ def _common(body: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], bool,
 
 def _max_tokens(body: dict[str, Any], keys: tuple[str, ...], limits: Limits) -> int:
     for key in keys:
-        value = _int(body, key, 1, 1 << 31)
+        value = int_param(body, key, 1, 1 << 31)
         if value is not None:
             if value > limits.max_tokens:
                 raise InvalidRequest(f"'{key}' is {value}; this node allows at most "

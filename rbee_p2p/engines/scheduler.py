@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 import trio
 
@@ -42,6 +42,8 @@ class Scheduler:
         self._names: dict[str, str] = {}
         # configured here but not loaded (no room, no torch): name -> why (set by the node)
         self.unavailable: dict[str, str] = {}
+        # called whenever queue depth or active jobs change (the mesh re-advertises)
+        self.listeners: list[Callable[[], None]] = []
         for engine in engines:
             self._slots[engine.card.name] = _Slot(engine)
             for name in (engine.card.name, *engine.card.aliases):
@@ -87,11 +89,20 @@ class Scheduler:
         """
         self.check(engine)
         slot = self._slots[engine.card.name]
-        async with slot.limiter:
-            start = trio.current_time()
-            try:
-                yield
-            finally:
-                elapsed = trio.current_time() - start
-                slot.mean_seconds = 0.8 * slot.mean_seconds + 0.2 * elapsed
-                slot.served += 1
+        self._changed()  # one more waiting
+        try:
+            async with slot.limiter:
+                self._changed()  # running
+                start = trio.current_time()
+                try:
+                    yield
+                finally:
+                    elapsed = trio.current_time() - start
+                    slot.mean_seconds = 0.8 * slot.mean_seconds + 0.2 * elapsed
+                    slot.served += 1
+        finally:
+            self._changed()  # done (or gave up waiting)
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()

@@ -38,7 +38,6 @@ from ..protocol.messages import (
     Cancel,
     ErrorMessage,
     InferenceRequest,
-    Price,
     Receipt,
     ResultChunk,
     ResultEnd,

@@ -96,6 +96,7 @@ class Mesh:
         self._warm: dict[bytes, tuple[Any, float]] = {}  # peer -> (open stream, opened at)
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self._dial_locks: dict[bytes, trio.Lock] = {}
+        self._change = trio.Event()
         self.started = trio.Event()
 
     # -- running ------------------------------------------------------------------------
@@ -170,24 +171,33 @@ class Mesh:
             queue_depth=info.queue_depth, active_jobs=info.active_jobs, max_queue=info.max_queue,
             jurisdiction=self.config.jurisdiction, price=Price())
 
+    def poke(self) -> None:
+        """What we offer changed (load, models): advertise it soon."""
+        self._change.set()
+
     async def _publish_adverts(self) -> None:
-        """Every ``advert_interval``, and within 0.25 s of a change in what we offer (at most
+        """Every ``advert_interval``, and 0.1-0.25 s after a change in what we offer (at most
         4 a second: GossipSub drops bursts above 10/s per peer and topic)."""
         topic = advert_topic(self.config.swarm)
-        last_info: LocalInfo | None = None
         last_sent = -1e9
         while True:
-            info = self.local()
-            now = trio.current_time()
-            if info != last_info or now - last_sent >= self.config.advert_interval_s:
-                data = seal(self.key, self._advert(), now_ms=now_ms(),
-                            ttl_ms=int(self.config.dead_after_s * 1000) + 5000)
-                try:
-                    await self.pubsub.publish(topic, data)
-                except Exception as exc:
-                    log.debug("advert publish failed: %s", exc)
-                last_info, last_sent = info, now
-            await trio.sleep(0.25)
+            wait = last_sent + 0.25 - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            data = seal(self.key, self._advert(), now_ms=now_ms(),
+                        ttl_ms=int(self.config.dead_after_s * 1000) + 5000)
+            try:
+                await self.pubsub.publish(topic, data)
+            except Exception as exc:
+                log.debug("advert publish failed: %s", exc)
+            last_sent = trio.current_time()
+            with trio.move_on_after(self.config.advert_interval_s) as idle:
+                await self._change.wait()
+            if not idle.cancelled_caught:
+                # debounce: one advert for a burst of changes, sent after the request that
+                # caused it has its first token (no CPU taken from its prompt processing)
+                await trio.sleep(0.1)
+            self._change = trio.Event()
 
     async def _receive_adverts(self, subscription: Any) -> None:
         async for message in subscription:
@@ -267,6 +277,9 @@ class Mesh:
         key = rendezvous_key(self.config.swarm)
         async with background_trio_service(dht):
             while True:
+                if not self.config.bootstrap and not self.host.get_connected_peers():
+                    await trio.sleep(5)  # nobody to ask yet
+                    continue
                 for addr in self.config.bootstrap:
                     peer = await self.connect_addr(addr)
                     if peer is not None:
@@ -283,7 +296,7 @@ class Mesh:
                                 await self.connect_info(info)
                 except Exception as exc:
                     log.debug("dht round failed: %s", exc)
-                await trio.sleep(2 if len(self.table.peers) == 0 else 10)
+                await trio.sleep(5 if len(self.table.peers) == 0 else 10)
 
     @staticmethod
     async def _find_providers(dht: Any, key: str) -> list[PeerInfo]:
