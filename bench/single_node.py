@@ -113,6 +113,8 @@ def main() -> None:
                     help="back-to-back requests per block (the first is a warm-up)")
     ap.add_argument("--short", type=int, default=12, help="16-token requests per block")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every TTFT")
+    ap.add_argument("--node-args", default="",
+                    help="more `rbee-node start` flags, e.g. '--no-dht' or '--no-p2p'")
     args = ap.parse_args()
 
     from llama_cpp import Llama
@@ -125,7 +127,7 @@ def main() -> None:
     env = {"RBEE_HOME": str(tmp / "home")}
 
     # the mesh runs as by default, but on loopback and without mDNS (nothing leaves this host)
-    local_mesh = ["--no-mdns", "--p2p-listen", "/ip4/127.0.0.1/tcp/0"]
+    local_mesh = ["--no-mdns", "--p2p-listen", "/ip4/127.0.0.1/tcp/0", *args.node_args.split()]
     with server(["rbee-node", "start", "--no-default-model", "--port", str(rbee_port),
                  *local_mesh],
                 rbee_url + "/health", tmp / "idle.log", env=env) as idle:

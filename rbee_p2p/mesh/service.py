@@ -455,4 +455,6 @@ def _local_ipv4() -> list[str]:
         for ip in adapter.ips:
             if isinstance(ip.ip, str) and not ip.ip.startswith("169.254."):
                 ips.append(ip.ip)
-    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))
+    # a peer elsewhere dialling our 127.0.0.1 would reach itself: loopback only when alone
+    outside = sorted({ip for ip in ips if not ip.startswith("127.")})
+    return outside or sorted(set(ips))
