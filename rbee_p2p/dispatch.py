@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal, Protocol
+from typing import AsyncIterator, Literal, Protocol
 
 from .api.schemas import ChatCall
 from .engines.base import Completion, Prepared, TextEngine
@@ -141,6 +141,3 @@ class Dispatcher:
         if failure is not None:
             raise failure
         raise Busy(f"every node serving {call.model} is busy; retry later", retry_after=1)
-
-    def status(self) -> dict[str, Any]:
-        return {"tokens_per_s": dict(self.tokens_per_s)}

@@ -32,7 +32,6 @@ class _Slot:
         self.engine = engine
         self.limiter = trio.CapacityLimiter(1)
         self.mean_seconds = 1.0  # moving average of job durations, for Retry-After
-        self.served = 0
 
 
 class Scheduler:
@@ -99,7 +98,6 @@ class Scheduler:
                 finally:
                     elapsed = trio.current_time() - start
                     slot.mean_seconds = 0.8 * slot.mean_seconds + 0.2 * elapsed
-                    slot.served += 1
         finally:
             self._changed()  # done (or gave up waiting)
 

@@ -97,7 +97,6 @@ class Mesh:
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self._dial_locks: dict[bytes, trio.Lock] = {}
         self._change = trio.Event()
-        self.started = trio.Event()
 
     # -- running ------------------------------------------------------------------------
 
@@ -139,7 +138,6 @@ class Mesh:
 
                         nursery.start_soon(run_mdns, self, cfg.mdns_interfaces)
                     log.info("mesh up as %s on %s", self.key.peer_id_str, self.addrs())
-                    self.started.set()
                     task_status.started()
                     await trio.sleep_forever()
 
