@@ -49,6 +49,9 @@ def check_ports_free(listen: Iterable[str]) -> None:
             continue
         family = socket.AF_INET6 if parts[1] == "ip6" else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: connections of a node that just stopped (TIME_WAIT) do not
+            # count; a socket still listening there does
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((parts[2], int(parts[4])))
             except OSError as exc:

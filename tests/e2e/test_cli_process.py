@@ -49,3 +49,29 @@ def test_a_taken_port_is_a_clear_error(tmp_path, which):
     assert r.returncode == 1
     assert "rbee-node: error:" in r.stderr and "another rbee-node" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_node_restarts_at_once_on_the_same_ports(tmp_path):
+    """Connections of the stopped node linger in TIME_WAIT; they must not block a restart."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from nodeproc import NodeProcess
+
+    first = NodeProcess(tmp_path / "a", "--no-default-model")
+    peer = NodeProcess(tmp_path / "b", "--no-default-model", "--peer", first.addr)
+    try:
+        first.wait_ready()
+        peer.wait_ready()
+        peer.wait_for(lambda s: any(p["id"] == first.peer_id for p in s["peers"]), 15,
+                      "a connection between the two")
+        assert first.interrupt() == 0
+        again = NodeProcess(tmp_path / "a", "--no-default-model", port=first.port,
+                            p2p_port=first.p2p_port)
+        try:
+            again.wait_ready()
+        finally:
+            again.kill()
+    finally:
+        first.kill()
+        peer.kill()
