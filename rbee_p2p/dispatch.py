@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import aclosing
-from typing import AsyncIterator, Literal, Protocol
+from typing import Any, AsyncIterator, Literal, Protocol
 
 from .api.schemas import ChatCall
 from .engines.base import Completion, Prepared, TextEngine
@@ -50,6 +50,11 @@ class Remote(Protocol):
         ...
 
     def report_failure(self, peer_id: bytes) -> None: ...
+
+    async def embeddings(self, model: str, body: dict[str, Any],
+                         n: int) -> tuple[list[list[float]], int]:
+        """(vectors, prompt tokens) from a peer serving ``model``.  Raises RequestError."""
+        ...
 
 
 class LocalJob:

@@ -82,7 +82,8 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
-        return _json(await serving.embeddings(parse_embeddings(await body(), limits)))
+        raw = await body()
+        return _json(await serving.embeddings(parse_embeddings(raw, limits), raw))
 
     @app.get("/v1/models")
     async def models() -> Response:

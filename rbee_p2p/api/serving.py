@@ -112,16 +112,22 @@ class Serving:
             yield _sse(error_body(str(exc), "server_error", code=type(exc).__name__))
         yield b"data: [DONE]\n\n"
 
-    async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
-        engine = self.scheduler.lookup(call.model)
-        async with self.scheduler.admit(engine):
-            result = await engine.embed(call.inputs)
+    async def embeddings(self, call: EmbeddingsCall, body: dict[str, Any]) -> dict[str, Any]:
+        """Here if this node serves the model, else on the best peer that does."""
+        remote = self.dispatcher.remote
+        if self.scheduler.find(call.model) is None and remote is not None and \
+                remote.serves(call.model):
+            vectors, prompt_tokens = await remote.embeddings(call.model, body, len(call.inputs))
+        else:
+            engine = self.scheduler.lookup(call.model)
+            async with self.scheduler.admit(engine):
+                result = await engine.embed(call.inputs)
+            vectors, prompt_tokens = result.vectors, result.prompt_tokens
         data = []
-        for i, vector in enumerate(result.vectors):
+        for i, vector in enumerate(vectors):
             value: Any = vector
             if call.base64:
                 value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": value})
         return {"object": "list", "data": data, "model": call.model,
-                "usage": {"prompt_tokens": result.prompt_tokens,
-                          "total_tokens": result.prompt_tokens}}
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
 
 import trio
 
-from ..api.schemas import ChatCall, Limits, parse_chat, parse_completion
+from ..api.schemas import ChatCall, Limits, parse_chat, parse_completion, parse_embeddings
 from ..dispatch import Kind, PeerUnavailable
-from ..engines.base import Completion
+from ..engines.base import Completion, TextEngine
 from ..engines.scheduler import Scheduler
 from ..errors import (
     Busy,
@@ -47,8 +48,8 @@ from ..protocol.session import InferenceSession
 from ..store.writer import AuditWriter
 from .frames import ByteStream, FrameStream, StreamGone
 
-__all__ = ["PROTOCOL_ID", "Timing", "Executor", "RemoteJob", "ERROR_CODES", "ImageOrder",
-           "ImageRunner", "fetch_images"]
+__all__ = ["PROTOCOL_ID", "Timing", "Executor", "RemoteJob", "ERROR_CODES", "Order",
+           "ImageRunner", "fetch_items"]
 
 log = logging.getLogger(__name__)
 PROTOCOL_ID = "/rbee/infer/1.0.0"
@@ -214,6 +215,8 @@ class Executor:
                 raise PeerUnavailable("the request's deadline has passed")
             if request.kind == "image":
                 work = self._image_work(request)
+            elif request.kind == "embedding":
+                work = self._embedding_work(request)
             else:
                 work = self._text_work(request)
         except RequestError as exc:
@@ -223,12 +226,33 @@ class Executor:
             return
         await self._execute(frames, remote, request, raw, session, work)
 
-    def _text_work(self, request: InferenceRequest) -> _Work:
+    def _text_engine(self, request: InferenceRequest) -> TextEngine:
         engine = self.scheduler.find(request.model)
         if engine is None or engine.card.modality != "text":
             raise ModelNotFound(f"model {request.model} is not served here")
         if request.model_digest is not None and request.model_digest != engine.card.digest:
             raise ModelNotFound(f"model {request.model} here has another digest")
+        return engine
+
+    def _embedding_work(self, request: InferenceRequest) -> _Work:
+        engine = self._text_engine(request)
+        call = parse_embeddings(dict(request.params), self.limits)
+        self.scheduler.check(engine)
+        completion = Completion(finish_reason="stop")
+
+        async def run(reply: _Reply) -> None:
+            async with self.scheduler.admit(engine):
+                result = await engine.embed(call.inputs)
+            reply.started()
+            completion.prompt_tokens = result.prompt_tokens
+            for index, vector in enumerate(result.vectors):  # one little-endian float32 array
+                await reply.chunk(str(index), 0, struct.pack(f"<{len(vector)}f", *vector))
+
+        return _Work(run=run, digest=engine.card.digest, completion=completion,
+                     done=lambda reply: None)
+
+    def _text_work(self, request: InferenceRequest) -> _Work:
+        engine = self._text_engine(request)
         if request.kind not in ("chat", "completion"):
             raise InvalidRequest(f"request kind {request.kind} is not served over the mesh yet")
         parse = parse_chat if request.kind == "chat" else parse_completion
@@ -347,8 +371,9 @@ class _Budget:
 
 
 @dataclass(frozen=True)
-class ImageOrder:
-    """An image request to forward: the OpenAI body as the client sent it."""
+class Order:
+    """A request whose result is data, not text (images, embeddings): the OpenAI body as the
+    client sent it; ``n`` is how many items (images or inputs) it asks for."""
 
     model: str
     body: dict[str, Any]
@@ -360,18 +385,20 @@ class ImageOrder:
         return _Budget(max_tokens=self.n)
 
 
-async def fetch_images(peer: bytes, open_stream: OpenStream, order: ImageOrder,
-                       **kwargs: Any) -> list[bytes]:
-    """Run an image request on ``peer``; the PNGs, in order.  Raises like
+async def fetch_items(peer: bytes, open_stream: OpenStream, order: Order,
+                      kind: Literal["image", "embedding"],
+                      **kwargs: Any) -> tuple[list[bytes], Receipt | None]:
+    """Run ``order`` on ``peer``; the items' bytes in order (each item may have come in
+    several chunks labelled with its index) and the verified receipt.  Raises like
     :meth:`RemoteJob.start`, or EngineFailure mid-way."""
-    job = await RemoteJob.start(peer, open_stream, order, "image", **kwargs)
+    job = await RemoteJob.start(peer, open_stream, order, kind, **kwargs)
     async with aclosing(job.batches()) as batches:
         async for _ in batches:
             pass
-    images: dict[str, bytes] = {}
+    items: dict[str, bytes] = {}
     for label, data in job.data:
-        images[label] = images.get(label, b"") + data
-    return [images[k] for k in sorted(images, key=int)]
+        items[label] = items.get(label, b"") + data
+    return [items[k] for k in sorted(items, key=int)], job.receipt
 
 
 OpenStream = Callable[[bytes, bool], Awaitable[ByteStream]]
@@ -404,8 +431,8 @@ class RemoteJob:
         self._started = time.perf_counter()
 
     @classmethod
-    async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall | ImageOrder,
-                    kind: Kind | Literal["image"], *,
+    async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall | Order,
+                    kind: Kind | Literal["image", "embedding"], *,
                     key: NodeKey, verifier: Verifier, timing: Timing = Timing(),
                     max_frame: int = 1 << 20, audit: AuditWriter | None = None,
                     connect_timeout_s: float = 3.0,

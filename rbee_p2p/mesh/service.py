@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import multiaddr
 import trio
@@ -23,9 +24,9 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
-from ..routing import Offer
+from ..routing import Offer, RouteRequest, fastest_expected_completion
 from ..store.writer import AuditWriter
-from .forward import PROTOCOL_ID, Executor, ImageOrder, RemoteJob, Timing, fetch_images
+from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
 from .host import build_host, check_ports_free, psk_from_secret
 
 __all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key"]
@@ -338,17 +339,32 @@ class Mesh:
     async def images(self, model: str, body: dict[str, Any], n: int) -> list[bytes]:
         """Run an image request on the best peer serving ``model`` (the next one if it
         cannot be reached).  Raises RequestError."""
+        pngs, _ = await self._fetch(self._image_peers(model), Order(model, body, n), "image")
+        return pngs
+
+    async def embeddings(self, model: str, body: dict[str, Any],
+                         n: int) -> tuple[list[list[float]], int]:
+        """Embeddings from the best peer serving text model ``model``: (vectors, prompt
+        tokens).  Raises RequestError."""
+        peers = [o.peer_id for o in fastest_expected_completion(
+            RouteRequest(model=model, max_tokens=1), self.offers(model)) if o.peer_id]
+        arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding")
+        vectors = [list(struct.unpack(f"<{len(a) // 4}f", a)) for a in arrays]
+        return vectors, receipt.tokens_in if receipt else 0
+
+    async def _fetch(self, peers: list[bytes], order: Order,
+                     kind: Literal["image", "embedding"]) -> tuple[list[bytes], Any]:
         failure: Exception | None = None
-        for peer in self._image_peers(model):
+        for peer in peers:
             try:
-                return await fetch_images(
-                    peer, self._open_stream, ImageOrder(model=model, body=body, n=n),
-                    key=self.key, verifier=self.verifier, timing=self.config.timing,
-                    audit=self.audit, on_failure=self.report_failure)
+                return await fetch_items(
+                    peer, self._open_stream, order, kind, key=self.key,
+                    verifier=self.verifier, timing=self.config.timing, audit=self.audit,
+                    on_failure=self.report_failure)
             except PeerUnavailable as exc:
                 self.report_failure(peer)
                 failure = exc
-        raise failure or PeerUnavailable(f"no reachable peer serves {model}")
+        raise failure or PeerUnavailable(f"no reachable peer serves {order.model}")
 
     def serves(self, model: str) -> bool:
         return any(m.name == model for e in self.table.peers.values()

@@ -28,14 +28,15 @@ def knows(model, peer_id=None):
     return check
 
 
-def audit_records(node, kind, timeout=10):
-    """The node's audit records of ``kind`` (the writer batches: poll, bounded)."""
+def audit_records(node, kind, count, timeout=10):
+    """The node's audit records of ``kind``, once there are ``count`` of them (the writer
+    batches: poll, bounded)."""
     deadline = time.monotonic() + timeout
     while True:
         frames, _ = read_frames((node.log.parent / "audit.log").read_bytes())
         _, records = verify_chain([raw for _, raw in frames])
         found = [r for r in records if r.kind == kind]
-        if found or time.monotonic() > deadline:
+        if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
 
@@ -82,14 +83,16 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     assert text and chunks[-1].usage.completion_tokens <= 16
     r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=8)
     assert r.choices[0].message.content and r.usage.prompt_tokens > 0
+    e = client.embeddings.create(model="smollm2", input=["hello world", "bees"])
+    assert [len(d.embedding) for d in e.data] == [576, 576] and e.usage.prompt_tokens > 0
 
-    forwarded = audit_records(a, "forward")
-    executed = audit_records(c, "execute")
-    assert len(forwarded) == 2 and len(executed) == 2
+    forwarded = audit_records(a, "forward", 3)
+    executed = audit_records(c, "execute", 3)
+    assert len(forwarded) == 3 and len(executed) == 3
     assert all(f.outcome == "ok" and f.receipt_sig for f in forwarded)  # receipts verified
     assert {f.receipt_sig for f in forwarded} == {e.receipt_sig for e in executed}
     assert forwarded[0].exec_peer == executed[0].exec_peer
-    assert c.status()["models"][0]["requests_served"] == 2
+    assert c.status()["models"][0]["requests_served"] == 2  # the two completions
     assert joined_s < 15
     import shutil
     import subprocess

@@ -240,7 +240,7 @@ class FakeImages:
 
 
 async def test_images_are_forwarded_whole_even_when_larger_than_a_chunk(nursery, autojump_clock):
-    from rbee_p2p.mesh.forward import ImageOrder, fetch_images
+    from rbee_p2p.mesh.forward import Order, fetch_items
 
     pngs = [b"\x89PNG" + bytes(700 * 1024), b"\x89PNG small"]
     images = FakeImages(pngs)
@@ -251,10 +251,33 @@ async def test_images_are_forwarded_whole_even_when_larger_than_a_chunk(nursery,
         nursery.start_soon(executor.handle, Mem(right), A.peer_id)
         return Mem(left)
 
-    order = ImageOrder(model="painter", body={"prompt": "a bee", "n": 2}, n=2)
-    got = await fetch_images(B.peer_id, open_stream, order, key=A, verifier=Verifier(),
-                             timing=TIMING)
+    order = Order(model="painter", body={"prompt": "a bee", "n": 2}, n=2)
+    got, receipt = await fetch_items(B.peer_id, open_stream, order, "image", key=A,
+                                     verifier=Verifier(), timing=TIMING)
+    assert receipt.tokens_out == 2
     assert got == pngs and images.asked == [{"prompt": "a bee", "n": 2}]
     with pytest.raises(PeerUnavailable):  # not an image model there: try another peer
-        await fetch_images(B.peer_id, open_stream, ImageOrder(model="other", body={}),
-                           key=A, verifier=Verifier(), timing=TIMING)
+        await fetch_items(B.peer_id, open_stream, Order(model="other", body={}), "image",
+                          key=A, verifier=Verifier(), timing=TIMING)
+
+
+async def test_embeddings_are_forwarded(nursery, autojump_clock):
+    from rbee_p2p.mesh.forward import Order, fetch_items
+
+    engine = ScriptedEngine("fake")
+    executor = Executor(B, Verifier(), Scheduler([engine]), Limits(), timing=TIMING)
+
+    async def open_stream(peer, fresh):
+        left, right = trio.testing.memory_stream_pair()
+        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        return Mem(left)
+
+    body = {"model": "fake", "input": ["a b", "c"]}
+    arrays, receipt = await fetch_items(B.peer_id, open_stream, Order("fake", body, 2),
+                                        "embedding", key=A, verifier=Verifier(), timing=TIMING)
+    expected = (await engine.embed(["a b", "c"])).vectors
+    import struct
+
+    got = [list(struct.unpack("<8f", a)) for a in arrays]
+    assert len(got) == 2 and all(g == pytest.approx(e) for g, e in zip(got, expected))
+    assert receipt.tokens_in == 3
