@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def free_port() -> int:
@@ -83,3 +85,22 @@ class NodeProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}: {status}")
             time.sleep(0.1)
+
+
+@contextmanager
+def running(home: Path, *args: str, **kwargs) -> Iterator[NodeProcess]:
+    """A started, ready node; killed (by PID) afterwards."""
+    proc = NodeProcess(home, *args, **kwargs)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill()
+
+
+def sdk(node: NodeProcess):
+    """The official openai client for ``node`` (no retries: failures must show)."""
+    import openai
+
+    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)

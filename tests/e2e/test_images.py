@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import trio
-from nodeproc import NodeProcess
+from nodeproc import NodeProcess, running, sdk
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
@@ -34,19 +34,14 @@ def tiny_sd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, tiny_sd):
-    proc = NodeProcess(tmp_path_factory.mktemp("node"), "--no-p2p", "--model",
-                       f"tiny={tiny_sd}")
-    try:
-        proc.wait_ready()
+    with running(tmp_path_factory.mktemp("node"), "--no-p2p", "--model",
+                       f"tiny={tiny_sd}") as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
 def client(node):
-    with openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0,
-                       timeout=60) as c:
+    with sdk(node) as c:
         yield c
 
 

@@ -6,19 +6,14 @@ import os
 import signal
 import time
 
-import openai
 import pytest
-from nodeproc import NodeProcess
+from nodeproc import NodeProcess, sdk
 
 from rbee_p2p.protocol.audit import verify_chain
 from rbee_p2p.store.audit import read_frames
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello."}]
-
-
-def sdk(node):
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def knows(model, peer_id=None):

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 import trio
-from nodeproc import NodeProcess
+from nodeproc import NodeProcess, running, sdk
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2"
@@ -18,18 +18,13 @@ HELLO = [{"role": "user", "content": "Say hello in five words."}]
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    proc = NodeProcess(tmp_path_factory.mktemp("node"))
-    try:
-        proc.wait_ready()
+    with running(tmp_path_factory.mktemp("node")) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
 def client(node):
-    with openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0,
-                       timeout=60) as c:
+    with sdk(node) as c:
         yield c
 
 
