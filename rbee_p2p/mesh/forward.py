@@ -210,9 +210,11 @@ class Executor:
         except ProtocolError as exc:
             await self._refuse(frames, "protocol", f"{exc.reason}: {exc}")
             return
+        if request.deadline_ms < now_ms():
+            await self._refuse(frames, "deadline", "the request's deadline has passed",
+                               request.request_id)
+            return
         try:
-            if request.deadline_ms < now_ms():
-                raise PeerUnavailable("the request's deadline has passed")
             if request.kind == "image":
                 work = self._image_work(request)
             elif request.kind == "embedding":

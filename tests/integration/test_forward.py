@@ -281,3 +281,23 @@ async def test_embeddings_are_forwarded(nursery, autojump_clock):
     got = [list(struct.unpack("<8f", a)) for a in arrays]
     assert len(got) == 2 and all(g == pytest.approx(e) for g, e in zip(got, expected))
     assert receipt.tokens_in == 3
+
+
+async def test_a_request_past_its_deadline_is_refused_and_tried_elsewhere(mesh, autojump_clock):
+    import dataclasses
+
+    import rbee_p2p.mesh.forward as forward
+
+    late = dataclasses.replace(TIMING, deadline_s=-1.0)
+    executor = Executor(B, Verifier(), Scheduler([ScriptedEngine("fake")]), Limits(),
+                        timing=TIMING)
+    async with trio.open_nursery() as nursery:
+        async def open_stream(peer, fresh):
+            left, right = trio.testing.memory_stream_pair()
+            nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+            return Mem(left)
+
+        with pytest.raises(PeerUnavailable, match="deadline"):
+            await forward.RemoteJob.start(B.peer_id, open_stream, call(), "chat", key=A,
+                                          verifier=Verifier(), timing=late)
+    assert executor.served == 0
