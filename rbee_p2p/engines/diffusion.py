@@ -33,7 +33,6 @@ import os
 import random
 import struct
 import threading
-import time
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -134,7 +133,6 @@ class ImageJob:
 @dataclass
 class ImageResult:
     images: list[bytes] = field(default_factory=list)  # PNG files
-    seconds: float = 0.0
 
 
 def png_bytes(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
@@ -235,7 +233,7 @@ class ScriptedImageEngine(ImageEngine):
         for i in range(job.n):
             h = hashlib.sha256(f"{job.prompt}|{job.seed}|{i}".encode()).digest()
             out.append(png_bytes(job.width, job.height, (h[0], h[1], h[2])))
-        return ImageResult(images=out, seconds=job.steps * self.step_seconds)
+        return ImageResult(images=out)
 
 
 class DiffusionEngine(ImageEngine):
@@ -303,7 +301,6 @@ class DiffusionEngine(ImageEngine):
 
         import torch
 
-        started = time.perf_counter()
         kwargs: dict[str, Any] = {"prompt": job.prompt, "num_inference_steps": job.steps,
                                   "height": job.height, "width": job.width,
                                   "num_images_per_prompt": job.n,
@@ -327,13 +324,13 @@ class DiffusionEngine(ImageEngine):
             if self._torch_device.startswith("cuda") and cancel.is_set():
                 torch.cuda.empty_cache()
         if cancel.is_set():
-            return ImageResult(seconds=time.perf_counter() - started)
+            return ImageResult()
         out = []
         for image in images:
             buf = io.BytesIO()
             image.save(buf, format="PNG", compress_level=3)
             out.append(buf.getvalue())
-        return ImageResult(images=out, seconds=time.perf_counter() - started)
+        return ImageResult(images=out)
 
     async def generate(self, job: ImageJob) -> ImageResult:
         cancel = threading.Event()

@@ -125,10 +125,6 @@ class Hardware:
     def device(self, device_id: str) -> Device | None:
         return next((d for d in self.devices if d.id == device_id), None)
 
-    @property
-    def gpu_offload(self) -> bool:
-        return bool(self.backends.get("llama.cpp", {}).get("gpu_offload"))
-
     def first(self, engine: str, backends: Iterable[str]) -> Device | None:
         """The first device ``engine`` can use among ``backends``, in that order."""
         for backend in backends:

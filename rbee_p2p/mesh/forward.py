@@ -368,11 +368,6 @@ class Executor:
 
 
 @dataclass(frozen=True)
-class _Budget:
-    max_tokens: int
-
-
-@dataclass(frozen=True)
 class Order:
     """A request whose result is data, not text (images, embeddings): the OpenAI body as the
     client sent it; ``n`` is how many items (images or inputs) it asks for."""
@@ -380,11 +375,6 @@ class Order:
     model: str
     body: dict[str, Any]
     n: int = 1
-    stream: bool = False
-
-    @property
-    def request(self) -> _Budget:
-        return _Budget(max_tokens=self.n)
 
 
 async def fetch_items(peer: bytes, open_stream: OpenStream, order: Order,
@@ -445,6 +435,10 @@ class RemoteJob:
         peer's verdict as a :class:`RequestError`.
         """
         name = peer_id_to_str(peer)
+        if isinstance(call, Order):
+            params, max_tokens, stream_ = call.body, call.n, False
+        else:
+            params, max_tokens, stream_ = call.body, call.request.max_tokens, call.stream
         for fresh in (False, True):  # a pre-opened stream may have died: then one new try
             try:
                 with trio.fail_after(connect_timeout_s):
@@ -455,8 +449,8 @@ class RemoteJob:
             frames = FrameStream(stream, max_frame)
             request = InferenceRequest(
                 request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
-                params=call.body, stream=call.stream, max_tokens=call.request.max_tokens,
-                deadline_ms=now_ms() + int(timing.deadline_s * 1000))  # type: ignore[union-attr]
+                params=params, stream=stream_, max_tokens=max_tokens,
+                deadline_ms=now_ms() + int(timing.deadline_s * 1000))
             raw = seal(key, request, now_ms=now_ms())
             session = InferenceSession(request.request_id, key.peer_id, peer)
             session.observe(key.peer_id, request)

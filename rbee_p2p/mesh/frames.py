@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 import trio
 
 from ..protocol.framing import FrameDecoder, encode_frame
 
-__all__ = ["ByteStream", "FrameStream", "StreamGone"]
+__all__ = ["ByteStream", "FrameStream", "StreamGone", "end_quietly"]
 
 
 class ByteStream(Protocol):
@@ -62,15 +62,17 @@ class FrameStream:
         return self._frames.popleft()
 
     async def close(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            try:
-                await self.stream.close()
-            except Exception:
-                pass
+        await end_quietly(self.stream.close)
 
     async def reset(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            try:
-                await self.stream.reset()
-            except Exception:
-                pass
+        await end_quietly(self.stream.reset)
+
+
+async def end_quietly(end: Callable[[], Awaitable[None]]) -> None:
+    """Close or reset a stream, even from a cancelled task, within 2 s, ignoring errors
+    (the stream may already be gone)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await end()
+        except Exception:
+            pass

@@ -27,6 +27,7 @@ from ..protocol.peers import PeerState, PeerTable
 from ..routing import Offer, RouteRequest, fastest_expected_completion
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
+from .frames import end_quietly
 from .host import build_host, check_ports_free, psk_from_secret
 
 __all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key"]
@@ -382,7 +383,7 @@ class Mesh:
             stream, opened = warm
             if not fresh and trio.current_time() - opened < self.config.timing.warm_stream_s:
                 return stream
-            await _reset(stream)
+            await end_quietly(stream.reset)
         return await self._new_stream(peer)
 
     async def _keep_warm_streams(self) -> None:
@@ -398,7 +399,7 @@ class Mesh:
                 continue
             if len(self._warm) >= 16:
                 oldest = min(self._warm, key=lambda p: self._warm[p][1])
-                await _reset(self._warm.pop(oldest)[0])
+                await end_quietly(self._warm.pop(oldest)[0].reset)
             self._warm[peer] = (stream, trio.current_time())
 
     async def _new_stream(self, peer: bytes) -> Any:
@@ -451,14 +452,6 @@ class Mesh:
             "adverts": dict(self.table.counters),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
-
-
-async def _reset(stream: Any) -> None:
-    with trio.move_on_after(1):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
 
 
 def _local_ipv4() -> list[str]:

@@ -44,7 +44,6 @@ async def test_first_piece_alone_then_batches(engine):
     # the first piece goes alone; then up to BATCH_TOKENS per hand-over (fewer when tokens
     # come slower than BATCH_SECONDS, e.g. on a loaded machine)
     assert sizes[0] == 1 and max(sizes) <= BATCH_TOKENS
-    assert len(sizes) < 40 or max(sizes) == 1
     assert completion.completion_tokens == 40 and completion.finish_reason == "length"
 
 

@@ -179,7 +179,9 @@ async def test_full_queue_is_503_with_retry_after_and_fifo(tmp_path, autojump_cl
     assert order == [(0, 200), (1, 200), (2, 200)]  # first come, first served
 
 
-async def test_cancelling_a_stream_stops_generation_within_one_token(tmp_path, autojump_clock):
+async def test_closing_a_stream_ends_the_job_and_frees_the_model(tmp_path, autojump_clock):
+    """The serving layer's part; that the real engine stops within one token of the cancel
+    is tests/e2e/test_llama_engine.py's (the scripted engine only runs when pulled)."""
     engine = ScriptedEngine("fake", token_seconds=0.5, batch=1)
     node, _, _ = make(tmp_path, engine=engine)
     from rbee_p2p.api.schemas import parse_chat
