@@ -8,18 +8,22 @@ move on to the next candidate; what the client got wrong (400) does not.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
 
 from .api.schemas import ChatCall
 from .engines.base import Completion, Prepared, TextEngine
 from .engines.scheduler import Scheduler
-from .errors import Busy, EngineFailure, RequestError
-from .routing import Offer, RouteRequest, fastest_expected_completion
+from .errors import Busy, EngineFailure, Forbidden, ModelUnavailable, RequestError
+from .routing import (Decision, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot,
+                      TenantFacts, decide, fastest)
 
-__all__ = ["Job", "LocalJob", "Remote", "PeerUnavailable", "Dispatcher", "Kind"]
+__all__ = ["Job", "LocalJob", "Remote", "PeerUnavailable", "Dispatcher", "Kind", "Stamp",
+           "Router", "builtin_router", "request_facts"]
 
 log = logging.getLogger(__name__)
 Kind = Literal["chat", "completion"]
@@ -29,9 +33,39 @@ class PeerUnavailable(EngineFailure):
     """A peer could not be reached or stopped answering; the next candidate may be tried."""
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """What a forwarded request carries about its tenant: a keyed hash (never the key or
+    name), the residency the executor must satisfy, whether content may be logged."""
+
+    tenant_ref: bytes | None = None
+    residency: str | None = None
+    tenant: TenantFacts | None = None
+
+
+Router = Callable[[RequestFacts, Snapshot], Awaitable[Decision]]
+
+
+def builtin_router(policy: Any = fastest) -> Router:
+    async def route(request: RequestFacts, snapshot: Snapshot) -> Decision:
+        return decide(policy, request, snapshot, getattr(policy, "__name__", ""))
+
+    return route
+
+
+def request_facts(call: ChatCall, tenant: TenantFacts | None, modality: str = "text") -> RequestFacts:
+    """Facts for the policy; the prompt's size is estimated (4 characters a token) because
+    it is tokenized only where it runs."""
+    r = call.request
+    chars = len(r.prompt or "") + sum(len(m.get("content") or "") for m in r.messages or ())
+    return RequestFacts(model=call.model, modality=modality, max_tokens=r.max_tokens,
+                        prompt_tokens=chars // 4, tenant=tenant)
+
+
 class Job(Protocol):
     completion: Completion
     where: bytes | None  # the executing peer, None for this node
+    receipt_sig: bytes | None
 
     def batches(self) -> AsyncIterator[list[str]]: ...
 
@@ -39,17 +73,19 @@ class Job(Protocol):
 class Remote(Protocol):
     """What dispatching needs from the mesh."""
 
-    def offers(self, model: str) -> list[Offer]: ...
+    def peers(self) -> tuple[PeerFacts, ...]:
+        """What the live peers advertise (alive ones, then suspect ones)."""
+        ...
 
     def serves(self, model: str) -> bool: ...
 
-    async def start(self, peer_id: bytes, call: ChatCall, kind: Kind) -> Job:
+    async def start(self, peer_id: str, call: ChatCall, kind: Kind, stamp: Stamp) -> Job:
         """Open a job on ``peer_id`` and wait for its first frame.  Raises
         :class:`PeerUnavailable` (try elsewhere) or a :class:`RequestError` (the peer's
         verdict on the request)."""
         ...
 
-    def report_failure(self, peer_id: bytes) -> None: ...
+    def report_failure(self, peer_id: str) -> None: ...
 
     async def embeddings(self, model: str, body: dict[str, Any],
                          n: int) -> tuple[list[list[float]], int]:
@@ -61,6 +97,7 @@ class LocalJob:
     """A job on this node's engine, admitted by the scheduler (FIFO per model)."""
 
     where = None
+    receipt_sig = None
 
     def __init__(self, dispatcher: Dispatcher, engine: TextEngine, prepared: Prepared) -> None:
         self.dispatcher = dispatcher
@@ -83,9 +120,14 @@ class LocalJob:
 
 
 class Dispatcher:
-    def __init__(self, scheduler: Scheduler, remote: Remote | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, remote: Remote | None = None, *,
+                 local_id: str = "local", jurisdiction: str = "",
+                 router: Router | None = None) -> None:
         self.scheduler = scheduler
         self.remote = remote
+        self.local_id = local_id
+        self.jurisdiction = jurisdiction
+        self.router = router or builtin_router()
         self.tokens_generated: dict[str, int] = {}
         self.requests_served: dict[str, int] = {}
         self.tokens_per_s: dict[str, float] = {}  # measured decode speed (moving average)
@@ -102,44 +144,56 @@ class Dispatcher:
                 old = self.tokens_per_s.get(model)
                 self.tokens_per_s[model] = rate if old is None else 0.8 * old + 0.2 * rate
 
-    def local_offer(self, engine: TextEngine) -> Offer:
-        load = self.scheduler.load(engine.card.name)
-        return Offer(peer_id=None, tokens_per_s=self.tokens_per_s.get(engine.card.name, 0.0),
-                     queue_depth=load.queue_depth, active_jobs=load.active,
-                     max_queue=self.scheduler.max_queue)
+    def local_facts(self, engine: TextEngine) -> PeerFacts:
+        name = engine.card.name
+        load = self.scheduler.load(name)
+        return PeerFacts(id=self.local_id, local=True, models=(ModelFacts(
+            name, engine.card.modality, self.tokens_per_s.get(name, 0.0)),),
+            queue_depth=load.queue_depth, active_jobs=load.active,
+            max_queue=self.scheduler.max_queue, jurisdiction=self.jurisdiction)
 
-    def plan(self, call: ChatCall) -> tuple[TextEngine | None, list[Offer]]:
-        engine = self.scheduler.find(call.model)
-        offers = [self.local_offer(engine)] if engine is not None else []
-        if self.remote is not None:
-            offers += self.remote.offers(call.model)
-        if not offers and not (self.remote is not None and self.remote.serves(call.model)):
-            self.scheduler.lookup(call.model)  # raises ModelNotFound with the usual message
-        ranked = fastest_expected_completion(
-            RouteRequest(model=call.model, max_tokens=call.request.max_tokens), offers)
-        return engine, ranked
+    async def plan(self, facts: RequestFacts) -> tuple[TextEngine | None, Ranked]:
+        """Where ``facts`` may run, best first.  Raises ModelNotFound, Forbidden or Busy."""
+        engine = self.scheduler.find(facts.model)
+        if engine is not None and engine.card.name != facts.model:  # an alias
+            facts = dataclasses.replace(facts, model=engine.card.name)
+        local = self.local_facts(engine) if engine is not None else None
+        peers = self.remote.peers() if self.remote is not None else ()
+        if local is None and not (self.remote is not None and self.remote.serves(facts.model)):
+            self.scheduler.lookup(facts.model)  # raises ModelNotFound with the usual message
+        decision = await self.router(facts, Snapshot(local, peers, int(time.time() * 1000)))
+        if isinstance(decision, Ranked):
+            return engine, decision
+        if decision.kind == "busy":
+            raise Busy(decision.reason, retry_after=1)
+        if decision.kind == "unavailable":
+            raise ModelUnavailable(decision.reason)
+        raise Forbidden(decision.reason)
 
-    async def start(self, call: ChatCall, kind: Kind) -> Job:
+    async def start(self, call: ChatCall, kind: Kind, stamp: Stamp = Stamp()) -> Job:
         """Pick where ``call`` runs and start it there.
 
         Raises :class:`InvalidRequest` (the request is wrong: no retry elsewhere),
-        :class:`ModelNotFound`, :class:`Busy` (every candidate is full) or
-        :class:`EngineFailure` (no candidate could be reached).
+        :class:`ModelNotFound`, :class:`Forbidden` (residency or policy), :class:`Busy`
+        (every candidate is full) or :class:`EngineFailure` (no candidate could be reached).
         """
-        engine, ranked = self.plan(call)
+        local = self.scheduler.find(call.model)
+        if local is not None and local.card.modality != "text":
+            local.prepare(call.request)  # raises InvalidRequest naming the right route
+        engine, ranked = await self.plan(request_facts(call, stamp.tenant))
         failure: RequestError | None = None
-        for offer in ranked:
-            if offer.local:
+        for pid in ranked.candidates:
+            if pid == self.local_id:
                 assert engine is not None
                 prepared = engine.prepare(call.request)
                 self.scheduler.check(engine)
                 return LocalJob(self, engine, prepared)
-            assert self.remote is not None and offer.peer_id is not None
+            assert self.remote is not None
             try:
-                return await self.remote.start(offer.peer_id, call, kind)
+                return await self.remote.start(pid, call, kind, stamp)
             except PeerUnavailable as exc:
                 log.warning("peer unavailable, trying the next one: %s", exc)
-                self.remote.report_failure(offer.peer_id)
+                self.remote.report_failure(pid)
                 failure = exc
             except Busy as exc:
                 failure = exc

@@ -76,7 +76,8 @@ class Node:
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
-        self.dispatcher = Dispatcher(self.scheduler)
+        self.dispatcher = Dispatcher(self.scheduler, local_id=self.peer_id or "local",
+                                     jurisdiction=config.jurisdiction)
         self.serving = Serving(self.dispatcher)
         self.images = ImageService(self.scheduler, self.capacity, image_limits(config),
                                    self.dispatcher.requests_served)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 from quart import Response, request
@@ -12,11 +13,14 @@ from werkzeug.exceptions import HTTPException
 from ..errors import (
     Busy,
     EngineFailure,
+    Forbidden,
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
     PayloadTooLarge,
+    QuotaExceeded,
     RequestError,
+    Unauthorized,
 )
 from .schemas import Limits, parse_chat, parse_completion, parse_embeddings, parse_json
 from .serving import Serving, error_body
@@ -33,6 +37,9 @@ ERROR_STATUS: dict[type[RequestError], tuple[int, str, str | None]] = {
     Busy: (503, "server_error", "overloaded"),
     ModelUnavailable: (503, "server_error", "model_unavailable"),
     EngineFailure: (500, "server_error", "engine_failure"),
+    Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    Forbidden: (403, "permission_error", "forbidden"),
+    QuotaExceeded: (429, "requests", "rate_limit_exceeded"),
 }
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error"}
@@ -111,7 +118,9 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         code, type_, err_code = next(
             (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
             (400, "invalid_request_error", None))
-        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, Busy) else None
+        headers = None
+        if isinstance(exc, (Busy, QuotaExceeded)):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         if code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc)
         return _json(error_body(str(exc), type_, param=exc.param, code=err_code), code, headers)

@@ -18,13 +18,14 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from .. import __version__
 from ..api.schemas import ChatCall
-from ..dispatch import Kind, PeerUnavailable
+from ..dispatch import Kind, PeerUnavailable, Stamp
 from ..protocol.envelope import Verifier, seal
 from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
-from ..routing import Offer, RouteRequest, fastest_expected_completion
+from ..routing import (DeviceFacts, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot,
+                       decide, fastest)
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
 from .frames import end_quietly
@@ -98,6 +99,9 @@ class Mesh:
         self._warm: dict[bytes, tuple[Any, float]] = {}  # peer -> (open stream, opened at)
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self._dial_locks: dict[bytes, trio.Lock] = {}
+        # what routing sees of each peer, rebuilt only when its advert or state changes
+        self._facts: dict[bytes, tuple[tuple[int, PeerState], PeerFacts]] = {}
+        self._ids: dict[str, bytes] = {}
         self._change = trio.Event()
 
     # -- running ------------------------------------------------------------------------
@@ -311,16 +315,23 @@ class Mesh:
 
     # -- dispatch.Remote ----------------------------------------------------------------
 
-    def offers(self, model: str) -> list[Offer]:
-        out = []
-        for entry in self.table.alive():
-            advert = entry.advert
-            for m in advert.models:
-                if m.name == model and m.modality == "text":
-                    out.append(Offer(peer_id=entry.peer_id, tokens_per_s=m.tokens_per_s,
-                                     queue_depth=advert.queue_depth,
-                                     active_jobs=advert.active_jobs, max_queue=advert.max_queue))
-        return out
+    def peers(self) -> tuple[PeerFacts, ...]:
+        """Facts of the live peers for routing: alive ones, then suspect ones."""
+        alive, suspect = [], []
+        for entry in self.table.peers.values():
+            if entry.state is PeerState.DEAD:
+                continue
+            version = (entry.advert.seq, entry.state)
+            cached = self._facts.get(entry.peer_id)
+            if cached is None or cached[0] != version:
+                cached = (version, _facts(entry.peer_id, entry.advert, entry.state.value))
+                self._facts[entry.peer_id] = cached
+                self._ids[cached[1].id] = entry.peer_id
+            (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
+        return (*alive, *suspect)
+
+    def peer_bytes(self, peer_id: str) -> bytes:
+        return self._ids.get(peer_id) or ID.from_base58(peer_id).to_bytes()
 
     def _image_peers(self, model: str) -> list[bytes]:
         """Live peers serving image model ``model``, least loaded first."""
@@ -347,8 +358,10 @@ class Mesh:
                          n: int) -> tuple[list[list[float]], int]:
         """Embeddings from the best peer serving text model ``model``: (vectors, prompt
         tokens).  Raises RequestError."""
-        peers = [o.peer_id for o in fastest_expected_completion(
-            RouteRequest(model=model, max_tokens=1), self.offers(model)) if o.peer_id]
+        decision = decide(fastest, RequestFacts(model=model, max_tokens=1),
+                          Snapshot(None, self.peers()))
+        peers = [self.peer_bytes(p) for p in decision.candidates] \
+            if isinstance(decision, Ranked) else []
         arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding")
         vectors = [list(struct.unpack(f"<{len(a) // 4}f", a)) for a in arrays]
         return vectors, receipt.tokens_in if receipt else 0
@@ -361,9 +374,9 @@ class Mesh:
                 return await fetch_items(
                     peer, self._open_stream, order, kind, key=self.key,
                     verifier=self.verifier, timing=self.config.timing, audit=self.audit,
-                    on_failure=self.report_failure)
+                    on_failure=self._suspect)
             except PeerUnavailable as exc:
-                self.report_failure(peer)
+                self._suspect(peer)
                 failure = exc
         raise failure or PeerUnavailable(f"no reachable peer serves {order.model}")
 
@@ -371,7 +384,10 @@ class Mesh:
         return any(m.name == model for e in self.table.peers.values()
                    if e.state is not PeerState.DEAD for m in e.advert.models)
 
-    def report_failure(self, peer_id: bytes) -> None:
+    def report_failure(self, peer_id: str) -> None:
+        self._suspect(self.peer_bytes(peer_id))
+
+    def _suspect(self, peer_id: bytes) -> None:
         self.table.report_failure(peer_id, now_ms())
         log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
 
@@ -423,10 +439,12 @@ class Mesh:
         if not lock.locked() and peer not in self.table.peers:
             self._dial_locks.pop(peer, None)
 
-    async def start(self, peer_id: bytes, call: ChatCall, kind: Kind) -> RemoteJob:
+    async def start(self, peer: str, call: ChatCall, kind: Kind,
+                    stamp: Stamp = Stamp()) -> RemoteJob:
+        peer_id = self.peer_bytes(peer)
         job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
                                     verifier=self.verifier, timing=self.config.timing,
-                                    audit=self.audit, on_failure=self.report_failure)
+                                    audit=self.audit, on_failure=self._suspect, stamp=stamp)
         # the peer answered: open the next job's stream now, over the live connection
         # (never while dialling a peer that may be gone: concurrent dials to one peer stall)
         try:
@@ -452,6 +470,18 @@ class Mesh:
             "adverts": dict(self.table.counters),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
+
+
+def _facts(peer_id: bytes, advert: CapabilityAdvert, state: str) -> PeerFacts:
+    return PeerFacts(
+        id=peer_id_to_str(peer_id),
+        models=tuple(ModelFacts(m.name, m.modality, m.tokens_per_s, m.device)
+                     for m in advert.models),
+        devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
+                      for d in advert.devices),
+        queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
+        max_queue=advert.max_queue, jurisdiction=advert.jurisdiction,
+        price=advert.price.output_per_mtok, state=state)
 
 
 def _local_ipv4() -> list[str]:

@@ -92,7 +92,7 @@ async def test_forwarded_job_streams_and_the_receipt_verifies(mesh, autojump_clo
     await trio.sleep(0.1)
     (kind_a, outcome_a, fa), = mesh.audits["A"].records
     (kind_b, outcome_b, fb), = mesh.audits["B"].records
-    assert (kind_a, outcome_a, kind_b, outcome_b) == ("forward", "ok", "execute", "ok")
+    assert (kind_a, outcome_a, kind_b, outcome_b) == ("entry", "ok", "execute", "ok")
     assert fa["receipt_sig"] == fb["receipt_sig"] and fa["exec_peer"] == B.peer_id
     assert fb["entry_peer"] == A.peer_id and fb["tokens_out"] == 6
 
@@ -149,7 +149,7 @@ async def test_cancel_stops_the_peer_generation(mesh, autojump_clock):
     assert engine.generated <= 3 + 2  # in flight when the cancel arrived, plus one
     assert executor.served == 1
     outcomes = [(k, o) for k, o, _ in mesh.audits["B"].records + mesh.audits["A"].records]
-    assert ("forward", "cancelled") in outcomes and ("execute", "cancelled") in outcomes
+    assert ("entry", "cancelled") in outcomes and ("execute", "cancelled") in outcomes
 
 
 async def test_engine_failure_mid_stream_becomes_an_error(mesh, autojump_clock):
