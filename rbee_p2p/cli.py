@@ -47,6 +47,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "mdns": False if args.no_mdns else None, "dht": False if args.no_dht else None,
              "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction,
              "fake_models": args.fake_model or None,
+             "allow_open": True if args.allow_open else None,
              "mdns_interfaces": args.mdns_interface or None}
     config = load_config(args.config, flags=flags)
     try:
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "to the file's stem")
     p_start.add_argument("--no-default-model", action="store_true",
                          help="do not serve the embedded SmolLM2-135M model")
+    p_start.add_argument("--allow-open", action="store_true",
+                         help="serve without API keys on a non-loopback --host (default: "
+                              "refused until a tenant exists; see `rbee-node tenants`)")
     mesh = p_start.add_argument_group("mesh")
     mesh.add_argument("--p2p-listen", action="append", default=[], metavar="MULTIADDR",
                       help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/7834)")
@@ -177,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .engines.hub import add_commands
 
     add_commands(sub)  # pull, devices
+    from .cli_tenants import add_commands as add_tenant_commands
+
+    add_tenant_commands(sub)
     return parser
 
 

@@ -87,6 +87,7 @@ class NodeConfig:
     memory_headroom: float = 0.1  # share of each device's memory kept free of models
     memory_budget_mb: tuple[tuple[str, int], ...] = ()  # per-device budgets, overriding
     home: Path = field(default_factory=data_dir)
+    allow_open: bool = False  # serve without API keys on an address other than loopback
     # -- the mesh --
     p2p: bool = True  # run the libp2p host (false: a single, unconnected node)
     p2p_listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7834",)
@@ -161,6 +162,7 @@ def _model_from_table(item: Any, where: str) -> ModelSpec:
 
 
 _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
+            "allow_open": bool,
             "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int,
             "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
+
+import trio
 
 from .api.schemas import ChatCall
 from .engines.base import Completion, Prepared, TextEngine
@@ -21,6 +24,7 @@ from .engines.scheduler import Scheduler
 from .errors import Busy, EngineFailure, Forbidden, ModelUnavailable, RequestError
 from .routing import (Decision, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot,
                       TenantFacts, decide, fastest)
+from .store.writer import AuditWriter
 
 __all__ = ["Job", "LocalJob", "Remote", "PeerUnavailable", "Dispatcher", "Kind", "Stamp",
            "Router", "builtin_router", "request_facts"]
@@ -66,6 +70,7 @@ class Job(Protocol):
     completion: Completion
     where: bytes | None  # the executing peer, None for this node
     receipt_sig: bytes | None
+    request_id: bytes
 
     def batches(self) -> AsyncIterator[list[str]]: ...
 
@@ -94,36 +99,61 @@ class Remote(Protocol):
 
 
 class LocalJob:
-    """A job on this node's engine, admitted by the scheduler (FIFO per model)."""
+    """A job on this node's engine, admitted by the scheduler (FIFO per model).  When it
+    ends it leaves an "entry" audit record (this node both took and ran it)."""
 
     where = None
     receipt_sig = None
 
-    def __init__(self, dispatcher: Dispatcher, engine: TextEngine, prepared: Prepared) -> None:
+    def __init__(self, dispatcher: Dispatcher, engine: TextEngine, prepared: Prepared,
+                 stamp: Stamp = Stamp()) -> None:
         self.dispatcher = dispatcher
         self.engine = engine
         self.prepared = prepared
+        self.stamp = stamp
         self.completion = Completion()
+        self.request_id = os.urandom(16)
 
     async def batches(self) -> AsyncIterator[list[str]]:
         completion = self.completion
+        started = time.perf_counter()
         first: float | None = None
-        async with self.dispatcher.scheduler.admit(self.engine):
-            try:
-                async with aclosing(self.engine.stream(self.prepared, completion)) as stream:
-                    async for batch in stream:
-                        if first is None:
-                            first = time.perf_counter()
-                        yield batch
-            finally:
-                self.dispatcher.account(self.engine.card.name, completion, first)
+        outcome = "error"
+        try:
+            async with self.dispatcher.scheduler.admit(self.engine):
+                try:
+                    async with aclosing(self.engine.stream(self.prepared, completion)) as stream:
+                        async for batch in stream:
+                            if first is None:
+                                first = time.perf_counter()
+                            yield batch
+                    outcome = "ok"
+                finally:
+                    self.dispatcher.account(self.engine.card.name, completion, first)
+        except BaseException as exc:
+            if _cancelled(exc):
+                outcome = "cancelled"
+            raise
+        finally:
+            await self.dispatcher.record_entry(
+                self, outcome, model_digest=self.engine.card.digest,
+                ttft_ms=int(((first or time.perf_counter()) - started) * 1000),
+                total_ms=int((time.perf_counter() - started) * 1000))
+
+
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, (GeneratorExit, trio.Cancelled)) or (
+        isinstance(exc, BaseExceptionGroup) and all(_cancelled(e) for e in exc.exceptions))
 
 
 class Dispatcher:
     def __init__(self, scheduler: Scheduler, remote: Remote | None = None, *,
                  local_id: str = "local", jurisdiction: str = "",
-                 router: Router | None = None) -> None:
+                 router: Router | None = None, audit: AuditWriter | None = None,
+                 peer: bytes | None = None) -> None:
         self.scheduler = scheduler
+        self.audit = audit
+        self.peer = peer  # this node's peer id (bytes), for audit records
         self.remote = remote
         self.local_id = local_id
         self.jurisdiction = jurisdiction
@@ -143,6 +173,18 @@ class Dispatcher:
                 rate = (completion.completion_tokens - 1) / elapsed
                 old = self.tokens_per_s.get(model)
                 self.tokens_per_s[model] = rate if old is None else 0.8 * old + 0.2 * rate
+
+    async def record_entry(self, job: LocalJob, outcome: str, **fields: Any) -> None:
+        """The audit record of a request this node took and ran itself."""
+        if self.audit is None:
+            return
+        c = job.completion
+        with trio.CancelScope(shield=True):
+            await self.audit.record(
+                "entry", outcome, request_id=job.request_id, tenant_ref=job.stamp.tenant_ref,
+                model=job.engine.card.name, entry_peer=self.peer, exec_peer=self.peer,
+                jurisdiction=self.jurisdiction or None, tokens_in=c.prompt_tokens,
+                tokens_out=c.completion_tokens, **fields)
 
     def local_facts(self, engine: TextEngine) -> PeerFacts:
         name = engine.card.name
@@ -187,7 +229,7 @@ class Dispatcher:
                 assert engine is not None
                 prepared = engine.prepare(call.request)
                 self.scheduler.check(engine)
-                return LocalJob(self, engine, prepared)
+                return LocalJob(self, engine, prepared, stamp)
             assert self.remote is not None
             try:
                 return await self.remote.start(pid, call, kind, stamp)

@@ -14,6 +14,7 @@ import trio
 
 from . import __version__
 from .api.app import create_app
+from .api.auth import Gate
 from .api.images import ImageService, image_limits
 from .api.schemas import Limits
 from .api.serving import Serving
@@ -77,10 +78,13 @@ class Node:
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
         self.dispatcher = Dispatcher(self.scheduler, local_id=self.peer_id or "local",
-                                     jurisdiction=config.jurisdiction)
-        self.serving = Serving(self.dispatcher)
+                                     jurisdiction=config.jurisdiction, audit=audit,
+                                     peer=key.peer_id if key is not None else None)
+        self.gate = Gate(config.home)
+        self.serving = Serving(self.dispatcher, self.gate)
         self.images = ImageService(self.scheduler, self.capacity, image_limits(config),
                                    self.dispatcher.requests_served)
+        self.images.jurisdiction = config.jurisdiction
         self.mesh: Mesh | None = None
         self._devices: tuple[DeviceInfo, ...] | None = None
         self.started = time.time()
@@ -109,6 +113,7 @@ class Node:
             "addrs": [], "peers": []}
         status.update(self.capacity.status())  # devices, unavailable models, images
         status["images"].update(self.images.status())
+        status["tenancy"] = self.gate.status()
         if self.mesh is not None:
             status.update(self.mesh.status())
         return status
@@ -184,11 +189,23 @@ async def _serve_http(node: Node, shutdown: trio.Event,
         raise
 
 
+def check_exposure(config: NodeConfig) -> None:
+    """Refuse to serve without API keys anywhere but loopback, unless allowed."""
+    host = config.host
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    if not loopback and Gate(config.home).open and not config.allow_open:
+        raise ConfigError(
+            f"--host {host} would serve anyone on the network without an API key: add a "
+            "tenant first (`rbee-node tenants add NAME`), or pass --allow-open "
+            "(allow_open = true) to serve openly on purpose")
+
+
 async def run_node(config: NodeConfig, *, handle_signals: bool = True,
                    on_ready: Callable[[Node], None] | None = None,
                    shutdown: trio.Event | None = None) -> None:
     """Run a node until SIGINT/SIGTERM (or ``shutdown`` is set); in-flight requests then get
     hypercorn's graceful timeout (10 s) to finish before they are cancelled."""
+    check_exposure(config)
     key = load_or_create_key(key_path(config.home))
     audit_log = AuditLog(audit_path(config.home), key)
     writer = AuditWriter(audit_log)

@@ -22,6 +22,7 @@ from ..errors import (
     RequestError,
     Unauthorized,
 )
+from ..tenants import Tenant
 from .schemas import Limits, parse_chat, parse_completion, parse_embeddings, parse_json
 from .serving import Serving, error_body
 
@@ -67,13 +68,21 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
                                   f"{max_body_bytes} bytes")
         return parse_json(await request.get_data(cache=False))
 
+    gate = serving.gate
+
+    def tenant() -> Tenant | None:
+        return gate.authenticate(request.headers.get("Authorization"))
+
     async def text_route(kind: str) -> Response:
+        who = tenant()
         parse = parse_chat if kind == "chat" else parse_completion
         call = parse(await body(), limits)
-        if not call.stream:
-            return _json(await serving.complete(call, kind))  # type: ignore[arg-type]
-        job = await serving.start(call, kind)  # type: ignore[arg-type]
-        events = serving.stream(call, kind, job)  # type: ignore[arg-type]
+        async with serving.admission(who, call.model) as admitted:
+            if not call.stream:
+                return _json(await serving.complete(call, kind, admitted))  # type: ignore[arg-type]
+            job = await serving.start(call, kind, admitted)  # type: ignore[arg-type]
+            admitted.streaming = True
+        events = serving.stream(call, kind, job, admitted)  # type: ignore[arg-type]
         response = Response(events, mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.timeout = None
@@ -89,8 +98,11 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
+        who = tenant()
         raw = await body()
-        return _json(await serving.embeddings(parse_embeddings(raw, limits), raw))
+        call = parse_embeddings(raw, limits)
+        async with serving.admission(who, call.model) as admitted:
+            return _json(await serving.embeddings(call, raw, admitted))
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -139,5 +151,5 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
 
     if images is not None:
-        images.register(app, body)
+        images.register(app, body, tenant, serving.admission)
     return app

@@ -487,6 +487,10 @@ class RemoteJob:
                 raise
         raise AssertionError("unreachable")
 
+    @property
+    def request_id(self) -> bytes:
+        return self.request.request_id
+
     async def _next_batch(self) -> list[str] | None:
         """The next non-empty batch of text, or None at the end.  Raises StreamGone,
         PeerUnavailable (silence) or the peer's error."""

@@ -24,8 +24,9 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
-from ..routing import (DeviceFacts, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot,
-                       decide, fastest)
+from ..errors import Forbidden
+from ..routing import (DeviceFacts, ModelFacts, PeerFacts, Policy, Rejected, RequestFacts,
+                       Snapshot, decide, fastest, least_loaded)
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
 from .frames import end_quietly
@@ -333,48 +334,51 @@ class Mesh:
     def peer_bytes(self, peer_id: str) -> bytes:
         return self._ids.get(peer_id) or ID.from_base58(peer_id).to_bytes()
 
-    def _image_peers(self, model: str) -> list[bytes]:
-        """Live peers serving image model ``model``, least loaded first."""
-        entries = [e for e in self.table.alive() if any(
-            m.name == model and m.modality == "image" for m in e.advert.models)]
-        entries.sort(key=lambda e: (e.advert.queue_depth + e.advert.active_jobs,
-                                    e.advert.queue_depth >= e.advert.max_queue))
-        return [e.peer_id for e in entries]
+    def _ranked(self, model: str, modality: str, stamp: Stamp, policy: Policy) -> list[bytes]:
+        """Live peers for a data request (images, embeddings), best first, within the
+        tenant's residency.  Raises Forbidden when residency rules every peer out."""
+        decision = decide(policy, RequestFacts(model=model, modality=modality, max_tokens=1,
+                                               tenant=stamp.tenant),
+                          Snapshot(None, self.peers()))
+        if isinstance(decision, Rejected):
+            if decision.kind == "forbidden":
+                raise Forbidden(decision.reason)
+            return []
+        return [self.peer_bytes(p) for p in decision.candidates]
 
     def image_models(self) -> list[str]:
         return sorted({m.name for e in self.table.alive() for m in e.advert.models
                        if m.modality == "image"})
 
     def serves_image(self, model: str) -> bool:
-        return bool(self._image_peers(model))
+        return any(e.serves(model, "image") for e in self.peers())
 
-    async def images(self, model: str, body: dict[str, Any], n: int) -> list[bytes]:
-        """Run an image request on the best peer serving ``model`` (the next one if it
-        cannot be reached).  Raises RequestError."""
-        pngs, _ = await self._fetch(self._image_peers(model), Order(model, body, n), "image")
+    async def images(self, model: str, body: dict[str, Any], n: int,
+                     stamp: Stamp = Stamp()) -> list[bytes]:
+        """Run an image request on the least loaded peer serving ``model`` (the next one if
+        it cannot be reached).  Raises RequestError."""
+        peers = self._ranked(model, "image", stamp, least_loaded)
+        pngs, _ = await self._fetch(peers, Order(model, body, n), "image", stamp)
         return pngs
 
-    async def embeddings(self, model: str, body: dict[str, Any],
-                         n: int) -> tuple[list[list[float]], int]:
+    async def embeddings(self, model: str, body: dict[str, Any], n: int,
+                         stamp: Stamp = Stamp()) -> tuple[list[list[float]], int]:
         """Embeddings from the best peer serving text model ``model``: (vectors, prompt
         tokens).  Raises RequestError."""
-        decision = decide(fastest, RequestFacts(model=model, max_tokens=1),
-                          Snapshot(None, self.peers()))
-        peers = [self.peer_bytes(p) for p in decision.candidates] \
-            if isinstance(decision, Ranked) else []
-        arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding")
+        peers = self._ranked(model, "text", stamp, fastest)
+        arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding", stamp)
         vectors = [list(struct.unpack(f"<{len(a) // 4}f", a)) for a in arrays]
         return vectors, receipt.tokens_in if receipt else 0
 
-    async def _fetch(self, peers: list[bytes], order: Order,
-                     kind: Literal["image", "embedding"]) -> tuple[list[bytes], Any]:
+    async def _fetch(self, peers: list[bytes], order: Order, kind: Literal["image", "embedding"],
+                     stamp: Stamp) -> tuple[list[bytes], Any]:
         failure: Exception | None = None
         for peer in peers:
             try:
                 return await fetch_items(
                     peer, self._open_stream, order, kind, key=self.key,
                     verifier=self.verifier, timing=self.config.timing, audit=self.audit,
-                    on_failure=self._suspect)
+                    on_failure=self._suspect, stamp=stamp)
             except PeerUnavailable as exc:
                 self._suspect(peer)
                 failure = exc

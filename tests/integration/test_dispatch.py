@@ -14,6 +14,7 @@ from rbee_p2p.routing import ModelFacts, PeerFacts
 class FakeJob:
     def __init__(self, peer):
         self.where = peer
+        self.request_id = bytes(16)
         self.completion = Completion(completion_tokens=1, finish_reason="stop")
 
     async def batches(self):

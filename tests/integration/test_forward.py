@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from rbee_p2p.api.schemas import Limits, parse_chat
-from rbee_p2p.dispatch import PeerUnavailable
+from rbee_p2p.dispatch import PeerUnavailable, Stamp
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
 from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest
@@ -56,10 +56,10 @@ def mesh(nursery):
     """Returns start(call, engine=..., serve=True) -> RemoteJob against an executor on B."""
     audits = {"A": Audit(), "B": Audit()}
 
-    async def start(c, engine=None, serve=True, scheduler=None):
+    async def start(c, engine=None, serve=True, scheduler=None, stamp=Stamp(), where="EU"):
         engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
         scheduler = scheduler or Scheduler([engine])
-        executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction="EU",
+        executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction=where,
                             audit=audits["B"], timing=TIMING)
 
         async def open_stream(peer, fresh):
@@ -69,7 +69,7 @@ def mesh(nursery):
             return Mem(left)
 
         job = await RemoteJob.start(B.peer_id, open_stream, c, "chat", key=A, verifier=Verifier(),
-                                    timing=TIMING, audit=audits["A"])
+                                    timing=TIMING, audit=audits["A"], stamp=stamp)
         return job, engine, executor
 
     start.audits = audits
@@ -95,6 +95,29 @@ async def test_forwarded_job_streams_and_the_receipt_verifies(mesh, autojump_clo
     assert (kind_a, outcome_a, kind_b, outcome_b) == ("entry", "ok", "execute", "ok")
     assert fa["receipt_sig"] == fb["receipt_sig"] and fa["exec_peer"] == B.peer_id
     assert fb["entry_peer"] == A.peer_id and fb["tokens_out"] == 6
+
+
+async def test_tenant_travels_as_a_keyed_hash_and_residency_is_enforced(mesh, autojump_clock):
+    ref = bytes(range(32))
+    job, _, _ = await mesh(call(), stamp=Stamp(tenant_ref=ref, residency="EU"), where="DE")
+    assert job.request.tenant_ref == ref and job.request.residency == "EU"
+    await collect(job)
+    await trio.sleep(0.1)
+    (_, _, fa), = mesh.audits["A"].records
+    (_, _, fb), = mesh.audits["B"].records
+    assert fa["tenant_ref"] == fb["tenant_ref"] == ref and fb["jurisdiction"] == "DE"
+    # an executor outside the residency refuses (the requester tries another peer)
+    with pytest.raises(PeerUnavailable, match="must stay in EU"):
+        await mesh(call(), stamp=Stamp(residency="EU"), where="US")
+    assert mesh.audits["B"].records[-1][:2] == ("execute", "rejected")
+
+
+async def test_a_receipt_outside_the_residency_is_an_error(mesh, autojump_clock):
+    # an executor that accepts anything (claims nothing checks) but signs "US" in its receipt
+    job, _, executor = await mesh(call(), stamp=Stamp(residency="US"), where="US")
+    job.stamp = Stamp(residency="EU")  # the requester required EU
+    with pytest.raises(EngineFailure, match="outside the required EU"):
+        await collect(job)
 
 
 async def test_stop_string_tokens_still_add_up(mesh, autojump_clock):
