@@ -22,7 +22,7 @@ from .api.schemas import ChatCall
 from .engines.base import Completion, Prepared, TextEngine
 from .engines.scheduler import Scheduler
 from .errors import Busy, EngineFailure, Forbidden, ModelUnavailable, RequestError
-from .routing import (Decision, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot,
+from .routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestFacts, Snapshot,
                       TenantFacts, decide, fastest)
 from .store.writer import AuditWriter
 
@@ -39,8 +39,9 @@ class PeerUnavailable(EngineFailure):
 
 @dataclass(frozen=True)
 class Stamp:
-    """What a forwarded request carries about its tenant: a keyed hash (never the key or
-    name), the residency the executor must satisfy, whether content may be logged."""
+    """What a request carries about its tenant: for peers a keyed hash (never the key or
+    name) and the residency the executor must satisfy; for this node's routing policy the
+    tenant's facts (name, tier, residency)."""
 
     tenant_ref: bytes | None = None
     residency: str | None = None
@@ -50,14 +51,15 @@ class Stamp:
 Router = Callable[[RequestFacts, Snapshot], Awaitable[Decision]]
 
 
-def builtin_router(policy: Any = fastest) -> Router:
+def builtin_router(policy: Policy = fastest) -> Router:
     async def route(request: RequestFacts, snapshot: Snapshot) -> Decision:
         return decide(policy, request, snapshot, getattr(policy, "__name__", ""))
 
     return route
 
 
-def request_facts(call: ChatCall, tenant: TenantFacts | None, modality: str = "text") -> RequestFacts:
+def request_facts(call: ChatCall, tenant: TenantFacts | None,
+                  modality: str = "text") -> RequestFacts:
     """Facts for the policy; the prompt's size is estimated (4 characters a token) because
     it is tokenized only where it runs."""
     r = call.request
