@@ -14,7 +14,7 @@ import os
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, Protocol
 
 import trio
 
@@ -26,7 +26,8 @@ from .routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestFa
                       TenantFacts, decide, fastest)
 from .store.writer import AuditWriter
 
-__all__ = ["Job", "LocalJob", "Remote", "PeerUnavailable", "Dispatcher", "Kind", "Stamp",
+__all__ = ["Job", "LocalJob", "Failover", "Remote", "PeerUnavailable", "Dispatcher", "Kind",
+           "Stamp",
            "Router", "builtin_router", "request_facts"]
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,16 @@ class Dispatcher:
         if local is not None and local.card.modality != "text":
             local.prepare(call.request)  # raises InvalidRequest naming the right route
         engine, ranked = await self.plan(request_facts(call, stamp.tenant))
+        candidates = iter(ranked.candidates)
+        job = await self.start_next(candidates, engine, call, kind, stamp)
+        return job if isinstance(job, LocalJob) else Failover(
+            job, lambda: self.start_next(candidates, engine, call, kind, stamp))
+
+    async def start_next(self, candidates: Iterator[str], engine: TextEngine | None,
+                         call: ChatCall, kind: Kind, stamp: Stamp) -> Job:
+        """Start ``call`` on the first of ``candidates`` that takes it (consuming them)."""
         failure: RequestError | None = None
-        for pid in ranked.candidates:
+        for pid in candidates:
             if pid == self.local_id:
                 assert engine is not None
                 prepared = engine.prepare(call.request)
@@ -244,3 +253,40 @@ class Dispatcher:
         if failure is not None:
             raise failure
         raise Busy(f"every node serving {call.model} is busy; retry later", retry_after=1)
+
+
+class Failover:
+    """A job on a peer that, until its first token, can still move: a peer accepts a job
+    at once (so the answer can start) but may die before producing anything; then the
+    next candidate takes over and the client never notices."""
+
+    def __init__(self, job: Job, start_next: Callable[[], Awaitable[Job]]) -> None:
+        self.job = job
+        self.start_next = start_next
+
+    @property
+    def completion(self) -> Completion:
+        return self.job.completion
+
+    @property
+    def where(self) -> bytes | None:
+        return self.job.where
+
+    @property
+    def receipt_sig(self) -> bytes | None:
+        return self.job.receipt_sig
+
+    @property
+    def request_id(self) -> bytes:
+        return self.job.request_id
+
+    async def batches(self) -> AsyncIterator[list[str]]:
+        while True:
+            try:
+                async with aclosing(self.job.batches()) as batches:
+                    async for batch in batches:
+                        yield batch
+                return
+            except PeerUnavailable as exc:  # raised only before the first token
+                log.warning("%s; trying the next candidate", exc)
+                self.job = await self.start_next()

@@ -335,6 +335,9 @@ class Executor:
             nursery.start_soon(reply.heartbeat)
             with scope:
                 try:
+                    # accepted: an empty chunk at once, so the requester can start its answer
+                    # (HTTP headers) while the model works on the first token
+                    await reply.chunk("", 0)
                     await work.run(reply)
                 except RequestError as exc:
                     failure = exc
@@ -475,7 +478,7 @@ class RemoteJob:
                       on_failure, stamp)
             try:
                 await frames.send(raw)
-                job._first = await job._next_batch()
+                job._first = await job._next_batch(accept=True)
                 return job
             except StreamGone as exc:
                 await frames.reset()
@@ -491,9 +494,10 @@ class RemoteJob:
     def request_id(self) -> bytes:
         return self.request.request_id
 
-    async def _next_batch(self) -> list[str] | None:
-        """The next non-empty batch of text, or None at the end.  Raises StreamGone,
-        PeerUnavailable (silence) or the peer's error."""
+    async def _next_batch(self, accept: bool = False) -> list[str] | None:
+        """The next non-empty batch of text, or None at the end; with ``accept``, also []
+        for the executor's empty "accepted" chunk.  Raises StreamGone, PeerUnavailable
+        (silence) or the peer's error."""
         while True:
             with trio.move_on_after(self.timing.frame_timeout_s) as scope:
                 raw = await self.frames.receive()
@@ -512,6 +516,8 @@ class RemoteJob:
                     self.data.append((message.text, message.data))
                 if message.text:
                     return [message.text]
+                if accept:
+                    return []
                 continue  # heartbeat, or tokens without text
             if isinstance(message, ResultEnd):
                 self._finish(message)
@@ -538,17 +544,23 @@ class RemoteJob:
 
     async def batches(self) -> AsyncIterator[list[str]]:
         outcome = "error"
+        produced = False
         try:
             if self._first is not None:
-                yield self._first
+                if self._first:
+                    produced = True
+                    yield self._first
                 while (batch := await self._next_batch()) is not None:
+                    produced = True
                     yield batch
             outcome = "ok"
         except (StreamGone, PeerUnavailable) as exc:
+            name = peer_id_to_str(self.where)[:16]
             if self.on_failure is not None:
                 self.on_failure(self.where)  # the peer is suspect from now on
-            raise EngineFailure(f"peer {peer_id_to_str(self.where)[:16]}… failed mid-stream: "
-                                f"{exc}") from None
+            if not produced:  # nothing reached the client yet: another peer may take over
+                raise PeerUnavailable(f"{name}… failed before the first token: {exc}") from None
+            raise EngineFailure(f"peer {name}… failed mid-stream: {exc}") from None
         finally:
             if outcome != "ok" and not self.session.finished:
                 outcome = "cancelled"

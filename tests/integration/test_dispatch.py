@@ -12,18 +12,22 @@ from rbee_p2p.routing import ModelFacts, PeerFacts
 
 
 class FakeJob:
-    def __init__(self, peer):
+    def __init__(self, peer, dies=False):
         self.where = peer
+        self.dies = dies  # accepted, then gone before the first token
         self.request_id = bytes(16)
         self.completion = Completion(completion_tokens=1, finish_reason="stop")
 
     async def batches(self):
-        yield ["remote"]
+        if self.dies:
+            raise PeerUnavailable(f"{self.where} failed before the first token")
+        yield [f"remote {self.where}"]
 
 
 class FakeRemote:
-    def __init__(self, peers, fail=(), busy=(), bad=()):
+    def __init__(self, peers, fail=(), busy=(), bad=(), dies=()):
         self.peers_, self.fail, self.busy, self.bad = peers, set(fail), set(busy), set(bad)
+        self.dies = set(dies)
         self.tried, self.failed = [], []
 
     def peers(self):
@@ -41,7 +45,7 @@ class FakeRemote:
             raise Busy("full")
         if peer_id in self.bad:
             raise InvalidRequest("context too long")
-        return FakeJob(peer_id)
+        return FakeJob(peer_id, peer_id in self.dies)
 
     def report_failure(self, peer_id):
         self.failed.append(peer_id)
@@ -69,6 +73,14 @@ async def test_faster_peer_wins_and_failures_move_on():
     remote = FakeRemote({"a": 500.0, "": 400.0}, fail=["a"])
     job = await dispatcher(remote, busy_local=True).start(call(), "chat")
     assert job.where == "" and remote.tried == ["a", ""] and remote.failed == ["a"]
+
+
+async def test_a_peer_dying_after_accepting_hands_over_before_the_first_token():
+    remote = FakeRemote({"a": 500.0, "b": 400.0, "c": 300.0}, dies=["a", "b"])
+    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    assert job.where == "a"  # accepted
+    assert [b async for b in job.batches()] == [["remote c"]]
+    assert job.where == "c" and remote.tried == ["a", "b", "c"]
 
 
 async def test_all_peers_failing_falls_back_to_local():
@@ -106,7 +118,7 @@ async def test_remote_job_is_served_by_the_api(tmp_path, autojump_clock):
     client = node.app.test_client()
     r = await client.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert (await r.get_json())["choices"][0]["message"]["content"] == "remote"
+    assert (await r.get_json())["choices"][0]["message"]["content"] == "remote a"
 
 
 async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, autojump_clock):

@@ -64,6 +64,7 @@ def mesh(nursery):
 
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
+            start.served.append(right)
             if serve:
                 nursery.start_soon(executor.handle, Mem(right), A.peer_id)
             return Mem(left)
@@ -73,6 +74,7 @@ def mesh(nursery):
         return job, engine, executor
 
     start.audits = audits
+    start.served = []  # the executor's ends of the streams
     return start
 
 
@@ -95,6 +97,17 @@ async def test_forwarded_job_streams_and_the_receipt_verifies(mesh, autojump_clo
     assert (kind_a, outcome_a, kind_b, outcome_b) == ("entry", "ok", "execute", "ok")
     assert fa["receipt_sig"] == fb["receipt_sig"] and fa["exec_peer"] == B.peer_id
     assert fb["entry_peer"] == A.peer_id and fb["tokens_out"] == 6
+
+
+async def test_the_executor_accepts_at_once_and_a_loss_before_output_can_move(mesh,
+                                                                              autojump_clock):
+    slow = ScriptedEngine("fake", script="late", token_seconds=3.0)
+    start = trio.current_time()
+    job, _, _ = await mesh(call(), engine=slow)
+    assert trio.current_time() - start < 1  # accepted, long before the first token
+    await mesh.served[-1].aclose()  # the executor is gone before producing anything
+    with pytest.raises(PeerUnavailable, match="before the first token"):
+        await collect(job)
 
 
 async def test_tenant_travels_as_a_keyed_hash_and_residency_is_enforced(mesh, autojump_clock):
