@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .engines.hub import add_commands
 
     add_commands(sub)  # pull, devices
+    from .audit_cli import add_commands as add_audit_commands
+
+    add_audit_commands(sub)  # audit verify, export, erase, prune
     return parser
 
 
