@@ -223,3 +223,18 @@ def test_read_entry_decodes_without_verifying():
     assert stone.is_tombstone and (stone.seq, stone.hash) == (7, bytes(32))
     with pytest.raises(ProtocolError):
         read_entry(b"\x83\x69tombstone\x00")
+
+
+def test_a_trusted_head_verifies_without_signatures_and_still_catches_edits():
+    raws, head = build(4)
+    report = walk_chain(raws, expected_head=head, check_signatures=False)
+    assert report.head == head
+    record = AuditRecord(seq=1, prev=record_hash(raws[0]), kind="execute", outcome="error")
+    resigned = seal(B, record, now_ms=samples.NOW, ttl_ms=0)  # even by another key
+    with pytest.raises(ChainBroken) as info:
+        walk_chain([raws[0], resigned, *raws[2:]], expected_head=head, check_signatures=False)
+    assert (info.value.index, info.value.cause) in {(1, "foreign"), (2, "link")}
+    with pytest.raises(ChainBroken) as info:  # the last record: only the head binds it
+        walk_chain([*raws[:3], build(4)[0][3]], expected_head=head, check_signatures=False)
+    with pytest.raises(ValueError):
+        walk_chain(raws, check_signatures=False)
