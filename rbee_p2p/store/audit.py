@@ -234,8 +234,11 @@ class AuditLog:
             os.ftruncate(self._rfd, complete)
             os.fsync(self._rfd)
 
-    def _walk(self, raws: list[bytes], expected: ChainHead | None = None) -> ChainReport:
-        return walk_chain(raws, signer=self.key.peer_id, expected_head=expected)
+    def _walk(self, raws: list[bytes], trusted: ChainHead | None = None) -> ChainReport:
+        # Signatures are checked when the log is opened; afterwards our own in-memory head
+        # is trusted and anchors the hash links, which bind every byte (4x faster).
+        return walk_chain(raws, signer=self.key.peer_id, expected_head=trusted,
+                          check_signatures=trusted is None)
 
     def append(self, *, now_ms: int, kind: str, outcome: str, sync: bool = True,
                receipt: bytes | None = None, **fields: Any) -> bytes:
@@ -291,17 +294,33 @@ class AuditLog:
     def prune(self, before_ms: int, *, now_ms: int) -> Erased:
         """Retention: tombstone every record issued before ``before_ms`` (cover records are
         kept), append ``prune`` records, remove those records' receipts."""
-        # a cheap scan first (decode only): the running node calls this every hour
         def old(entry: ChainEntry) -> bool:
             return (entry.record is not None and entry.record.kind not in COVER_KINDS
                     and entry.issued_at is not None and entry.issued_at < before_ms)
 
+        # The running node calls this every hour: a cheap look first, from the oldest
+        # record to the first one still to be kept (records are appended in time order;
+        # one stamped older after a clock step goes with its neighbours, later).
         try:
-            if not any(old(read_entry(raw)) for raw in self.records()):
+            for raw in self._stream():
+                entry = read_entry(raw)
+                if entry.record is None or entry.record.kind in COVER_KINDS:
+                    continue
+                if not old(entry):
+                    return Erased()
+                break
+            else:
                 return Erased()
         except ProtocolError:
             pass  # the full verification below names the damage
         return self._tombstone(old, "prune", now_ms, None)
+
+    def _stream(self) -> Iterator[bytes]:
+        """The records' bytes, oldest first, read as needed."""
+        with open(self.path, "rb") as f:
+            while len(header := f.read(_HEADER.size)) == _HEADER.size:
+                raw = f.read(_HEADER.unpack(header)[0])
+                yield raw
 
     def _tombstone(self, select: Callable[[ChainEntry], bool], kind: str, now_ms: int,
                    tenant_ref: bytes | None) -> Erased:
