@@ -72,3 +72,22 @@ async def test_retention_prunes_at_start_and_then_periodically(tmp_path, lazy_cl
     kinds = [r.kind for r in verdict[1]]
     assert kinds == ["prune", "prune"] and log.receipts() == []
     log.close()
+
+
+async def test_a_durable_record_returns_once_fsynced_and_raises_if_refused(tmp_path):
+    from rbee_p2p.errors import InvalidSchema
+
+    log = AuditLog(tmp_path / "audit.log", samples.key_a())
+    writer = AuditWriter(log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with trio.open_nursery() as callers:  # concurrent callers share fsyncs
+            for i in range(20):
+                callers.start_soon(lambda i=i: writer.record("execute", "ok", tokens_out=i,
+                                                             durable=True))
+        assert writer.written == 20 and log.head.seq == 20  # all on disk already
+        with pytest.raises(InvalidSchema):
+            await writer.record("bogus", "ok", durable=True)
+        writer.close()
+    assert sorted(r.tokens_out for r in verify_chain(log.records())[1]) == list(range(20))
+    log.close()
