@@ -132,7 +132,7 @@ def main() -> None:
                          f"{done.receipts} receipts), atomic rewrite",
                          f"{seconds:.2f} s", ""])
             start = time.perf_counter()
-            nothing = log.prune(0, now_ms=int(time.time() * 1000))
+            nothing = log.prune(0, now_ms=int(time.time() * 1000), quick=True)
             seconds = time.perf_counter() - start
             assert nothing.records == 0
             rows.append(["prune that finds nothing old (the node's hourly check)",

@@ -121,12 +121,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     home = _home(args)
     ref, who = _tenant_ref(args, home)
-    rows = export_rows(audit_path(home), ref, since_ms=args.since,
-                       content=content_path(home, ref), signer=_signer(home))
+    # the chain verifies before anything is written
+    rows = list(export_rows(audit_path(home), ref, since_ms=args.since,
+                            content=content_path(home, ref), signer=_signer(home)))
     if args.out is None:
-        _write_rows(rows, args.format, sys.stdout)
+        try:
+            _write_rows(rows, args.format, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. piped into head
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         return 0
-    rows = list(rows)  # verify before creating the file
     fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data
     with os.fdopen(fd, "w", newline="" if args.format == "csv" else None) as out:
         count = _write_rows(rows, args.format, out)
@@ -210,7 +215,7 @@ def add_commands(sub: Any) -> None:
     actions = p.add_subparsers(dest="audit_action", metavar="ACTION", required=True)
 
     def action(name: str, help_: str, func: Any) -> argparse.ArgumentParser:
-        a = actions.add_parser(name, help=help_, description=help_)
+        a: argparse.ArgumentParser = actions.add_parser(name, help=help_, description=help_)
         a.add_argument("--home", metavar="DIR", help="the node's data directory "
                                                      "(default $RBEE_HOME)")
         a.set_defaults(func=func)

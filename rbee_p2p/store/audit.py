@@ -291,16 +291,20 @@ class AuditLog:
         return self._tombstone(lambda e: e.record is not None and e.record.tenant_ref
                                == tenant_ref, "redaction", now_ms, tenant_ref)
 
-    def prune(self, before_ms: int, *, now_ms: int) -> Erased:
+    def prune(self, before_ms: int, *, now_ms: int, quick: bool = False) -> Erased:
         """Retention: tombstone every record issued before ``before_ms`` (cover records are
-        kept), append ``prune`` records, remove those records' receipts."""
+        kept), append ``prune`` records, remove those records' receipts.
+
+        ``quick`` (the running node, every hour): first look from the oldest live record
+        to the first one to keep and do nothing if that is the oldest — records are
+        appended in time order; one stamped older after the clock stepped back goes later,
+        with its neighbours."""
         def old(entry: ChainEntry) -> bool:
             return (entry.record is not None and entry.record.kind not in COVER_KINDS
                     and entry.issued_at is not None and entry.issued_at < before_ms)
 
-        # The running node calls this every hour: a cheap look first, from the oldest
-        # record to the first one still to be kept (records are appended in time order;
-        # one stamped older after a clock step goes with its neighbours, later).
+        if not quick:
+            return self._tombstone(old, "prune", now_ms, None)
         try:
             for raw in self._stream():
                 entry = read_entry(raw)

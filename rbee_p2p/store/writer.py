@@ -85,7 +85,8 @@ class AuditWriter:
     def _prune(self, now_ms: int) -> None:
         assert self.retention_days is not None
         try:
-            done = self.audit.prune(now_ms - int(self.retention_days * DAY_MS), now_ms=now_ms)
+            done = self.audit.prune(now_ms - int(self.retention_days * DAY_MS), now_ms=now_ms,
+                                    quick=True)
         except Exception:  # a failed prune must not stop the log; it is retried later
             log.exception("audit retention: prune failed")
             return

@@ -240,15 +240,19 @@ def test_a_torn_receipt_is_cut_when_the_owner_opens_the_log(tmp_path):
     assert verify_log(path).ok and not verify_log(path).notes
 
 
-def test_prune_looks_from_the_oldest_record_to_the_first_one_to_keep(tmp_path):
+def test_a_quick_prune_looks_from_the_oldest_record_to_the_first_one_to_keep(tmp_path):
     path = tmp_path / "audit.log"
     now = samples.NOW
     with AuditLog(path, A) as log:
         log.append(now_ms=now - 40 * DAY_MS, kind="note", outcome="ok")
         log.append(now_ms=now - 1 * DAY_MS, kind="note", outcome="ok")
         log.append(now_ms=now - 50 * DAY_MS, kind="note", outcome="ok")  # clock stepped back
-        assert log.prune(now - 30 * DAY_MS, now_ms=now).records == 2  # both old ones
+        assert log.prune(now - 30 * DAY_MS, now_ms=now, quick=True).records == 2  # both
         log.append(now_ms=now - 60 * DAY_MS, kind="note", outcome="ok")
-        # the oldest live record is young: nothing is looked at behind it (until it ages)
-        assert log.prune(now - 30 * DAY_MS, now_ms=now).records == 0
-        assert log.prune(now, now_ms=now).records == 2
+        # the oldest live record is young: the quick look stops there (until it ages) ...
+        assert log.prune(now - 30 * DAY_MS, now_ms=now, quick=True).records == 0
+        assert log.prune(now, now_ms=now, quick=True).records == 2
+        log.append(now_ms=now - 1 * DAY_MS, kind="note", outcome="ok")
+        log.append(now_ms=now - 60 * DAY_MS, kind="note", outcome="ok")
+        # ... while a full prune (rbee-node audit prune) looks at every record
+        assert log.prune(now - 30 * DAY_MS, now_ms=now).records == 1
