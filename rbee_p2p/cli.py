@@ -181,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .engines.hub import add_commands
 
     add_commands(sub)  # pull, devices
-    from .cli_tenants import add_commands as add_tenant_commands
+    from .audit_cli import add_commands as add_audit_commands
 
-    add_tenant_commands(sub)
+    add_audit_commands(sub)  # audit verify, export, erase, prune
+    from .tenants_cli import add_commands as add_tenant_commands
+
+    add_tenant_commands(sub)  # tenants add, list, remove, rotate-key
     return parser
 
 

@@ -104,6 +104,7 @@ class NodeConfig:
     suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
     dead_after: float = 8.0  # ... and dead (dropped from routing)
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
+    audit_retention_days: float | None = None  # prune older audit records; None: keep all
 
     def served_models(self) -> tuple[ModelSpec, ...]:
         """The configured models plus the embedded default (unless disabled or shadowed)."""
@@ -168,11 +169,12 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
             "dead_after": float,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
-            "memory_headroom": float}
+            "memory_headroom": float, "audit_retention_days": float}
 _LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces", "fake_models"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
         "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS",
-        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION"}
+        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION",
+        "audit_retention_days": "RBEE_AUDIT_RETENTION_DAYS"}
 
 
 def _budgets(table: Any, where: str) -> tuple[tuple[str, int], ...]:
@@ -260,6 +262,8 @@ def load_config(
             or config.image_url_ttl < 1 or config.image_store_mb < 1:
         raise ConfigError("need 0 <= memory_headroom < 1, max_images >= 1, "
                           "image_url_ttl >= 1 and image_store_mb >= 1")
+    if config.audit_retention_days is not None and not 0 < config.audit_retention_days < 1e6:
+        raise ConfigError("audit_retention_days must be a positive number of days")
     if not 0 < config.suspect_after < config.dead_after:
         raise ConfigError("need 0 < suspect_after < dead_after")
     if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:
