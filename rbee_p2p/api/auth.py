@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ..dispatch import Stamp
 from ..errors import ConfigError
+from ..store.audit_read import content_path
 from ..tenants import Quotas, Tenant, TenantBook
 
 __all__ = ["Gate", "Pass"]
@@ -109,11 +110,11 @@ class Gate:
         tenant, ref = admitted.tenant, admitted.stamp.tenant_ref
         if tenant is None or not tenant.content_logging or self.home is None or ref is None:
             return
-        folder = self.home / "content"
-        folder.mkdir(mode=0o700, exist_ok=True)
+        path = content_path(self.home, ref)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         line = json.dumps({"request_id": request_id.hex(), "time": int(self.clock()),
                            "prompt": prompt, "completion": output}, ensure_ascii=False)
-        fd = os.open(folder / f"{ref.hex()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as f:
             f.write(line + "\n")
 

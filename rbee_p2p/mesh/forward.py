@@ -364,7 +364,7 @@ class Executor:
                     await self._audit("execute", "cancelled" if cancelled else "ok", request,
                                       remote, tokens_in=completion.prompt_tokens,
                                       tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
-                                      total_ms=total_ms, receipt_sig=receipt_raw[-64:])
+                                      total_ms=total_ms, receipt=receipt_raw)
                     await reply.send(lambda seq: ResultEnd(
                         request_id=request.request_id, seq=seq,
                         finish_reason=completion.finish_reason or "stop", receipt=receipt_raw))
@@ -424,6 +424,7 @@ class RemoteJob:
         self.where = peer
         self.stamp = stamp
         self.receipt_sig: bytes | None = None
+        self.receipt_raw: bytes | None = None
         self.on_failure = on_failure
         self.frames = frames
         self.session = session
@@ -538,6 +539,7 @@ class RemoteJob:
                                 f"outside the required {self.stamp.residency}")
         self.receipt = receipt
         self.receipt_sig = end.receipt[-64:]
+        self.receipt_raw = end.receipt
         self.completion.prompt_tokens = receipt.tokens_in
         self.completion.completion_tokens = receipt.tokens_out
         self.completion.finish_reason = end.finish_reason
@@ -590,4 +592,4 @@ class RemoteJob:
                 tokens_in=r.tokens_in if r else None, tokens_out=r.tokens_out if r else None,
                 ttft_ms=r.ttft_ms if r else None,
                 total_ms=int((time.perf_counter() - self._started) * 1000),
-                receipt_sig=self.receipt_sig if r else None)
+                receipt=self.receipt_raw if r else None)

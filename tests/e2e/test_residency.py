@@ -3,12 +3,14 @@ real model on an EU node and a US node, tenants with API keys on the entry node.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import openai
 import pytest
 from nodeproc import NodeProcess, sdk
+from test_audit_cli import audit
 from test_mesh import audit_records, knows
 
 from rbee_p2p.protocol.identity import peer_id_from_str
@@ -81,3 +83,22 @@ def test_eu_tenant_runs_only_on_eu_nodes_and_fails_clearly_without_one(swarm):
     assert sdk(a, keys["any"]).chat.completions.create(
         model="smollm2", messages=HELLO, max_tokens=4).choices[0].message.content is not None
     assert not [r for r in audit_records(b, "execute", 1) if r.tenant_ref == eu_ref]
+
+    # GDPR on the entry node's real log, once it is stopped: verify (chain and the EU node's
+    # receipts), the tenant's data-subject export, erasure
+    assert a.interrupt() == 0
+    home = a.log.parent
+    result = audit(home, "verify", "--json")
+    verdict = json.loads(result.stdout)
+    assert result.returncode == 0 and verdict["ok"] and verdict["receipts"] >= 6
+    rows = [json.loads(line) for line in audit(home, "export", "--tenant", "eu-corp").stdout
+            .splitlines()]
+    assert [(r["outcome"], r["jurisdiction"]) for r in rows] == [("ok", "EU")] * 4 + [
+        ("rejected", None)]
+    assert {r["exec_peer"] for r in rows[:4]} == {c.peer_id}
+    result = audit(home, "erase", "--tenant", "eu-corp", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert audit(home, "verify").returncode == 0
+    rows = audit(home, "export", "--tenant", "eu-corp").stdout.splitlines()
+    assert [json.loads(line)["kind"] for line in rows] == ["redaction"]
+    assert len(audit(home, "export", "--tenant", "anywhere").stdout.splitlines()) == 2

@@ -95,7 +95,7 @@ async def test_forwarded_job_streams_and_the_receipt_verifies(mesh, autojump_clo
     (kind_a, outcome_a, fa), = mesh.audits["A"].records
     (kind_b, outcome_b, fb), = mesh.audits["B"].records
     assert (kind_a, outcome_a, kind_b, outcome_b) == ("entry", "ok", "execute", "ok")
-    assert fa["receipt_sig"] == fb["receipt_sig"] and fa["exec_peer"] == B.peer_id
+    assert fa["receipt"] == fb["receipt"] and fa["exec_peer"] == B.peer_id
     assert fb["entry_peer"] == A.peer_id and fb["tokens_out"] == 6
 
 
