@@ -80,25 +80,30 @@ def decide(policy: Policy, request: RequestFacts, snapshot: Snapshot, name: str 
     if isinstance(decision, Rejected):
         return decision
     allowed = {p.id for p in narrowed.everyone()}
-    seen: list[str] = []
+    seen: dict[str, None] = {}  # ordered, each once (a list would make this quadratic)
     for pid in decision.candidates:
-        if pid in allowed and pid not in seen:
-            seen.append(pid)
+        if pid in allowed:
+            seen.setdefault(pid)
     if not seen:
         return Rejected(f"the routing policy chose no eligible node for {request.model}",
                         "forbidden", decision.policy or name)
     return Ranked(tuple(seen), decision.policy or name)
 
 
-def _ranked(name: str, places: Iterable[PeerFacts],
-            key: Callable[[PeerFacts], float]) -> Ranked:
-    """Best-first by ``key`` with this node's score discounted by LOCAL_MARGIN; on equal
-    scores this node, then peer id (deterministic)."""
+def _score(key: Callable[[PeerFacts], float]) -> Callable[[PeerFacts], tuple[float, int, str]]:
+    """``key`` with this node's score discounted by LOCAL_MARGIN; on equal scores this
+    node, then peer id (deterministic)."""
     def score(p: PeerFacts) -> tuple[float, int, str]:
         k = key(p)
         return (k * (1.0 - LOCAL_MARGIN) if p.local else k, 0 if p.local else 1, p.id)
 
-    return Ranked(tuple(p.id for p in sorted(places, key=score)), name)
+    return score
+
+
+def _ranked(name: str, places: Iterable[PeerFacts],
+            key: Callable[[PeerFacts], float]) -> Ranked:
+    """Best-first by ``key`` (see :func:`_score`)."""
+    return Ranked(tuple(p.id for p in sorted(places, key=_score(key))), name)
 
 
 def expected_ms(place: PeerFacts, request: RequestFacts) -> float:
@@ -125,10 +130,8 @@ def lowest_latency(request: RequestFacts, snapshot: Snapshot) -> Decision:
 
 def cheapest(request: RequestFacts, snapshot: Snapshot) -> Decision:
     """Lowest advertised price; among equal prices the fastest."""
-    best = fastest(request, snapshot)
-    assert isinstance(best, Ranked)
-    order = {pid: i for i, pid in enumerate(best.candidates)}
-    places = sorted(snapshot.everyone(), key=lambda p: (p.price, order[p.id]))
+    fast = _score(lambda p: expected_ms(p, request))
+    places = sorted(snapshot.everyone(), key=lambda p: (p.price, fast(p)))
     return Ranked(tuple(p.id for p in places), "cheapest")
 
 
