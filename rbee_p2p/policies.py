@@ -257,6 +257,7 @@ class PolicyRuntime:
         self.builtin: Policy | None = BUILTINS[target] if isinstance(target, str) else None
         self.name = target if isinstance(target, str) else label(target.name)
         self.timeout_ms, self.reload_s = timeout_ms, reload_s
+        self.restart_s = RESTART_INTERVAL_S
         self._make: Callable[[], Evaluator] = evaluator or (
             lambda: WorkerEvaluator(timeout_ms, memory_mb))
         self._evaluator: Evaluator | None = None
@@ -407,8 +408,8 @@ class PolicyRuntime:
         return True
 
     async def _respawn(self) -> None:
-        """A new worker with the current source, at most once per RESTART_INTERVAL_S."""
-        await trio.sleep(RESTART_INTERVAL_S)
+        """A new worker with the current source, at most once per ``restart_s``."""
+        await trio.sleep(self.restart_s)
         if self._source is not None and self._stamp is not None and not self._usable:
             self.restarts += 1
             await self._load(self._source, self._stamp, initial=True)
