@@ -29,8 +29,8 @@ from .errors import ConfigError
 from .policyworker import FrameReader, encode_frame
 from .routing import (BUILTINS, Decision, Policy, Ranked, Rejected, RequestFacts, Snapshot,
                       decide, eligible)
-from .routing.script import (CompiledPolicy, FragmentCache, ScriptError, compile_policy,
-                             encode_input, label)
+from .routing.script import (CompiledPolicy, FragmentCache, PeerStore, ScriptError,
+                             compile_policy, delta_input, label)
 
 __all__ = ["PolicyRuntime", "Outcome", "Evaluator", "WorkerEvaluator", "InProcessEvaluator",
            "parse_spec",
@@ -77,8 +77,9 @@ class Evaluator(Protocol):
         Raises ScriptError."""
         ...
 
-    async def evaluate(self, text: str) -> Ranked | Rejected:
-        """The loaded policy on :func:`encode_input`'s text.  Raises ScriptError."""
+    async def evaluate(self, request: RequestFacts, snapshot: Snapshot) -> Ranked | Rejected:
+        """The loaded policy on ``request`` and the (eligible) places of ``snapshot``.
+        Raises ScriptError."""
         ...
 
     async def aclose(self) -> None: ...
@@ -99,6 +100,9 @@ class WorkerEvaluator:
         self._seq = 0
         self._fresh = False
         self._dead = False
+        self.last_ms = 0.0  # the worker's own time for the last request (JSON decode + script)
+        self._cache = FragmentCache()  # each peer's facts as JSON, while they do not change
+        self._sent: set[str] = set()  # the fragments the worker holds
 
     @property
     def alive(self) -> bool:
@@ -127,16 +131,32 @@ class WorkerEvaluator:
         if "error" in reply:
             raise ScriptError.from_dict(reply["error"])
 
-    async def evaluate(self, text: str) -> Ranked | Rejected:
+    async def evaluate(self, request: RequestFacts, snapshot: Snapshot) -> Ranked | Rejected:
         if self._dead or self._proc is None:
             raise ScriptError("crash", "the policy worker is not running")
-        reply = await self._call({"op": "route", "timeout_ms": self.timeout_ms},
-                                 text.encode(), self.timeout_ms)
+        for _ in range(2):
+            delta = delta_input(request, snapshot, self._cache, self._sent)
+            header = {"op": "route", "timeout_ms": self.timeout_ms, "request": delta.request,
+                      "order": delta.order, "local": delta.local,
+                      "new": [k for k, _ in delta.new], "lens": [len(t) for _, t in delta.new],
+                      "forget": delta.forget}
+            reply = await self._call(header, "".join(t for _, t in delta.new).encode(),
+                                     self.timeout_ms)
+            self._sent.update(k for k, _ in delta.new)
+            self._sent.difference_update(delta.forget)
+            self.last_ms = float(reply.get("ms", 0.0))
+            if "missing" not in reply:
+                break
+            log.warning("the policy worker lacks peer facts %s: sending all again",
+                        reply["missing"])
+            self._sent.clear()
         if "error" in reply:
             raise ScriptError.from_dict(reply["error"])
         if "rejected" in reply:
             return Rejected(str(reply["rejected"]), "forbidden")
-        return Ranked(tuple(str(i) for i in reply.get("ranked", ())))
+        if "ranked" not in reply:
+            raise ScriptError("crash", "the policy worker lost track of the peers")
+        return Ranked(tuple(str(i) for i in reply["ranked"]))
 
     async def _call(self, header: dict[str, Any], body: bytes, timeout_ms: float,
                     extra_s: float = 0.0) -> dict[str, Any]:
@@ -176,6 +196,7 @@ class WorkerEvaluator:
     async def _kill(self) -> int | None:
         self._dead = True
         proc, self._proc = self._proc, None
+        self._sent.clear()
         if proc is None:
             return None
         with trio.CancelScope(shield=True):
@@ -200,17 +221,21 @@ class InProcessEvaluator:
     def __init__(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         self._cancelled = cancelled
         self._compiled: CompiledPolicy | None = None
+        self._cache, self._store = FragmentCache(), PeerStore()
 
     async def load(self, name: str, source: str) -> None:
         await trio.lowlevel.checkpoint()
         self._compiled = None
         self._compiled = compile_policy(name, source, self._cancelled)
 
-    async def evaluate(self, text: str) -> Ranked | Rejected:
+    async def evaluate(self, request: RequestFacts, snapshot: Snapshot) -> Ranked | Rejected:
         await trio.lowlevel.checkpoint()
         if self._compiled is None:
             raise ScriptError("contract", "no policy is loaded")
-        return self._compiled.evaluate(text, self._cancelled)
+        delta = delta_input(request, snapshot, self._cache, self._store)
+        self._store.update(delta.new, delta.forget)
+        return self._compiled.evaluate(self._store, delta.request, delta.order, delta.local,
+                                       self._cancelled)
 
     async def aclose(self) -> None:
         self._compiled = None
@@ -266,7 +291,6 @@ class PolicyRuntime:
         self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of that source
         self._lock = trio.Lock()  # one exchange with the evaluator at a time
         self._restart = trio.Event()
-        self._cache = FragmentCache()
         self._logged: tuple[str, float] = ("", 0.0)
         self.loaded_at: float | None = None
         self.decisions = self.errors = self.fallbacks = self.timeouts = 0
@@ -293,15 +317,13 @@ class PolicyRuntime:
         evaluator = self._evaluator
         if not self._usable or evaluator is None:
             return self._fallback(request, narrowed, self.last_error)
-        text = encode_input(request, narrowed, self._cache)
-        self._cache.prune(snapshot.everyone())
         with trio.move_on_after(self.timeout_ms / 1000.0 + _grace_s(self.timeout_ms)):
             async with self._lock:
                 if not self._usable or evaluator is not self._evaluator:
                     return self._fallback(request, narrowed, self.last_error)
                 started = time.perf_counter()
                 try:
-                    raw = await evaluator.evaluate(text)
+                    raw = await evaluator.evaluate(request, narrowed)
                 except ScriptError as exc:
                     self._failed(exc)
                     if not evaluator.alive:

@@ -10,11 +10,14 @@ kills it when it overruns its deadline and starts another (rbee_p2p/policies.py)
 Wire format, both ways, on the worker's stdin/stdout: frames of a 4-byte big-endian
 header length, a 4-byte body length, a JSON header, a body (UTF-8).  Requests:
 ``{"op": "load", "seq", "name", "timeout_ms"}`` with the policy source as body;
-``{"op": "route", "seq", "timeout_ms"}`` with :func:`~rbee_p2p.routing.script.encode_input`
-as body.  Replies (empty body): ``{"seq", "ok": true}`` (loaded), ``{"seq", "ranked": [ids]}``,
-``{"seq", "rejected": reason}`` or ``{"seq", "error": ScriptError.as_dict()}``, each with
-``"ms"``, the evaluation's own time.  The worker serves one request at a time and exits
-at end of input.
+``{"op": "route", "seq", "timeout_ms", "request", "order", "local", "new", "lens",
+"forget"}`` (see :class:`~rbee_p2p.routing.script.Delta`) with the new peer fragments back
+to back as body.  The worker keeps the fragments it was sent (a PeerStore) until told to
+forget them.  Replies (empty body): ``{"seq", "ok": true}`` (loaded),
+``{"seq", "ranked": [ids]}``, ``{"seq", "rejected": reason}``, ``{"seq", "missing": key}``
+(a fragment it does not hold: send them all again) or ``{"seq", "error":
+ScriptError.as_dict()}``, each with ``"ms"``, the request's time in the worker.  One
+request at a time; the worker exits at end of input.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import sys
 import time
 from typing import Any, BinaryIO, Sequence
 
-from .routing.script import CompiledPolicy, ScriptError, compile_policy
+from .routing import Rejected
+from .routing.script import CompiledPolicy, PeerStore, ScriptError, compile_policy
 
 __all__ = ["encode_frame", "FrameReader", "MAX_FRAME", "main"]
 
@@ -119,9 +123,22 @@ def _deadline(timeout_ms: float) -> Any:
     return lambda: time.monotonic() > end
 
 
+def _fragments(header: dict[str, Any], body: str) -> list[tuple[str, str]]:
+    """The new fragments: ``body`` holds their texts back to back, ``lens`` their lengths
+    (characters) and ``new`` their keys."""
+    out, at = [], 0
+    for key, size in zip(header.get("new", ()), header.get("lens", ())):
+        out.append((str(key), body[at:at + int(size)]))
+        at += int(size)
+    if at != len(body):
+        raise ValueError("fragment lengths do not add up to the body")
+    return out
+
+
 def serve(inp: BinaryIO, out: BinaryIO, cpu_s: int = 0) -> None:
     """Answer frames from ``inp`` on ``out`` until end of input."""
     compiled: CompiledPolicy | None = None
+    store = PeerStore()  # kept across policy versions: peer facts do not depend on them
     while True:
         frame = _read_frame(inp)
         if frame is None:
@@ -138,13 +155,19 @@ def serve(inp: BinaryIO, out: BinaryIO, cpu_s: int = 0) -> None:
                                           body.decode(), cancelled)
                 reply["ok"] = True
             elif header.get("op") == "route":
+                store.update(_fragments(header, body.decode()), header.get("forget", ()))
                 if compiled is None:
                     raise ScriptError("contract", "no policy is loaded")
-                decision = compiled.evaluate(body.decode(), cancelled)
-                if hasattr(decision, "candidates"):
-                    reply["ranked"] = list(decision.candidates)
+                try:
+                    decision = compiled.evaluate(store, header["request"], header["order"],
+                                                 header.get("local"), cancelled)
+                except KeyError as exc:  # the node's idea of what we hold is wrong
+                    reply["missing"] = str(exc.args[0])
                 else:
-                    reply["rejected"] = decision.reason
+                    if isinstance(decision, Rejected):
+                        reply["rejected"] = decision.reason
+                    else:
+                        reply["ranked"] = list(decision.candidates)
             else:
                 raise ScriptError("contract", f"unknown operation {header.get('op')!r}")
         except ScriptError as exc:

@@ -8,9 +8,12 @@ The contract (node/policies/README.md): a policy file defines
 helpers in :data:`PRELUDE` are predefined; a policy may shadow them.  Names starting with
 ``rbee__`` are reserved.
 
-Speed: converting Python values to Starlark costs ~22 us a peer, so the input travels as
-ONE JSON text (each peer's fragment cached, :class:`FragmentCache`) that Starlark decodes
-itself with ``json.decode`` (~5-9 us a peer).  Nothing here reads a clock: the caller passes
+Speed: converting Python values to Starlark costs ~22 us a peer, and even Starlark's own
+``json.decode`` ~5-9 us, most of a decision with 1,000 peers.  So each peer's facts are
+encoded once as a JSON fragment (:class:`FragmentCache`, while the facts object is the
+same), decoded once into a :class:`PeerStore` where the evaluator keeps them, and a
+decision sends only the fragments the store lacks plus the peers' keys in order
+(:func:`delta_input`).  Nothing here reads a clock: the caller passes
 ``cancelled``, which the interpreter polls (every few thousand steps) and which stops
 loops and long evaluations.  What polling cannot stop (one huge allocation, a huge string
 repeat) is the caller's business: the node evaluates in a worker process with resource
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Container, Iterable
 
 import starlark as sl
 
@@ -32,8 +37,10 @@ __all__ = [
     "ScriptError",
     "CompiledPolicy",
     "FragmentCache",
+    "PeerStore",
+    "Delta",
     "compile_policy",
-    "encode_input",
+    "delta_input",
     "script_policy",
     "label",
     "PRELUDE",
@@ -48,7 +55,7 @@ Cancelled = Callable[[], bool]
 
 PRELUDE = f'''
 EU = {sorted(EU_MEMBERS)!r}
-rbee__decode = json.decode
+rbee__encode = json.encode
 
 def filter(pred, xs):
     """The items of xs for which pred(item) is true."""
@@ -135,26 +142,38 @@ HELPERS = ("filter", "ids", "with_model", "vram_free", "has_gpu", "with_gpu", "w
 """What every policy sees predefined (``reject`` is a host function)."""
 
 _DRIVER = '''
-def rbee__main(text):
-    d = rbee__decode(text)
-    ranked = route(d["request"], d["peers"], d["local"])
-    # plain ids or a description of what is wrong (no value is left that Python cannot take)
+def rbee__route(request, peers, local):
+    # called with *args so that the interpreter does not inline a one-line route into
+    # this frame: an error in it must be reported at its own line
+    ranked = route(*(request, peers, local))
     if type(ranked) not in ("list", "tuple"):
-        return {"rbee__bad": "route() must return a list of peer ids (or call reject(reason)), not " + type(ranked)}
-    out = []
-    for item in ranked:
-        if type(item) == "dict" and type(item.get("id")) == "string":
-            item = item["id"]
-        if type(item) != "string":
-            return {"rbee__bad": "route() must return peer ids (strings) or peer dicts, not " + type(item)}
-        out.append(item)
-    return out
+        return ("bad", "route() must return a list of peer ids (or call reject(reason)), not " + type(ranked))
+    # one JSON text for Python: converting values costs ~1.5 us a string, ~20 us a dict
+    ranked = [x["id"] if type(x) == "dict" and "id" in x else x for x in ranked]
+    wrong = [type(x) for x in ranked if type(x) != "string"]
+    if wrong:
+        return ("bad", "route() must return peer ids (strings) or peer dicts, not " + wrong[0])
+    return ("ok", rbee__encode(ranked))
+'''
+
+# PeerStore: a batch of peer fragments decoded into a frozen module; an index of them all;
+# a decision reading peers from the index (the driver module is new each time)
+_CHUNK = "P = json.decode(rbee__text)\nrbee__text = None\n"
+_STORED = '''
+load("rbee__policy", "rbee__route")
+load("rbee__index", "ALL")
+rbee__in = json.decode(rbee__input)
+rbee__local = rbee__in["local"]
+rbee__result = rbee__route(rbee__in["request"], [ALL[k] for k in rbee__in["order"]],
+                           None if rbee__local == None else ALL[rbee__local])
 '''
 
 _GLOBALS = sl.Globals.extended_by([sl.LibraryExtension.Json, sl.LibraryExtension.StructType])
 _DIALECT = sl.Dialect.extended()
 _PRELUDE_AST = sl.parse("rbee_prelude.star", PRELUDE, _DIALECT)
 _DRIVER_AST = sl.parse("rbee_driver.star", _DRIVER, _DIALECT)
+_CHUNK_AST = sl.parse("rbee_chunk.star", _CHUNK, _DIALECT)
+_STORED_AST = sl.parse("rbee_stored.star", _STORED, _DIALECT)
 _LOCATION = re.compile(r"^ *--> (?P<file>.+):(?P<line>\d+):(?P<column>\d+)$", re.M)
 _FRAME = re.compile(r"^ *\* (?P<file>.+):(?P<line>\d+), in ", re.M)
 
@@ -263,13 +282,24 @@ class CompiledPolicy:
         self.label = label(name)
         self._frozen, self._box = frozen, box
 
-    def evaluate(self, text: str, cancelled: Cancelled = _never) -> Ranked | Rejected:
-        """``route`` on :func:`encode_input`'s ``text``: Ranked(ids as returned) or
-        Rejected(reason, "forbidden") when it called ``reject``.  Raises ScriptError."""
+    def evaluate(self, store: PeerStore, request: dict[str, Any], order: list[str],
+                 local: str | None, cancelled: Cancelled = _never) -> Ranked | Rejected:
+        """``route`` on ``request`` (:meth:`RequestFacts.as_dict`) and the peers held in
+        ``store`` as ``order`` (fragment keys, ``local`` among them): Ranked(ids as
+        returned) or Rejected(reason, "forbidden") when it called ``reject``.  Raises
+        ScriptError, or KeyError naming a fragment ``store`` lacks."""
+        missing = [k for k in order if k not in store]
+        if missing or (local is not None and local not in store):
+            raise KeyError(missing[0] if missing else local)
         self._box.reason = None
         watch = _Watch(cancelled)
+        module = sl.Module()
+        module["rbee__input"] = json.dumps({"request": request, "order": order,
+                                            "local": local}, separators=(",", ":"))
+        modules = {"rbee__policy": self._frozen, "rbee__index": store.index()}
         try:
-            value = self._frozen.call_with(_options(watch), "rbee__main", text).value
+            sl.eval_with(_options(watch), module, _STORED_AST, _GLOBALS,
+                         sl.FileLoader(modules.__getitem__))
         except sl.StarlarkError as exc:
             if self._box.reason is not None:
                 return Rejected(self._box.reason, "forbidden", self.label)
@@ -277,10 +307,12 @@ class CompiledPolicy:
                 raise _translate("timeout", exc, self.name,
                                  "cancelled: the policy ran past its deadline") from None
             raise _translate("runtime", exc, self.name) from None
-        if isinstance(value, dict):
-            raise ScriptError("contract", str(value.get("rbee__bad")), self.name)
-        assert isinstance(value, list)
-        return Ranked(tuple(value), self.label)
+        result = module["rbee__result"]
+        assert isinstance(result, list) and len(result) == 2  # ("ok", JSON) or ("bad", why)
+        status, value = str(result[0]), str(result[1])
+        if status != "ok":
+            raise ScriptError("contract", value, self.name)
+        return Ranked(tuple(str(i) for i in json.loads(value)), self.label)
 
 
 def compile_policy(name: str, source: str, cancelled: Cancelled = _never) -> CompiledPolicy:
@@ -311,51 +343,174 @@ def compile_policy(name: str, source: str, cancelled: Cancelled = _never) -> Com
     return CompiledPolicy(name, module.freeze(), box)
 
 
+@dataclass(slots=True)
+class _Fragment:
+    peer: PeerFacts  # held: keeps id(peer) unique while the entry lives
+    key: str
+    text: str
+    used: int  # the last decision that used it
+
+
 class FragmentCache:
     """Each peer's JSON for a model, reused while the peer's facts object is the same one
-    (PeerFacts are frozen; the node keeps a peer's object until its advert changes)."""
+    (PeerFacts are frozen; the node keeps a peer's object until its advert changes).
+    Each text has a key of its own, never reused: what a :class:`PeerStore` knows it by.
+    Texts no decision used for ``max_idle`` decisions are forgotten (checked every
+    ``max_idle`` decisions): replaced facts, peers gone."""
 
-    def __init__(self) -> None:
-        self._texts: dict[tuple[int, str], tuple[PeerFacts, str]] = {}
+    def __init__(self, max_idle: int = 32) -> None:
+        self.max_idle = max_idle
+        self._texts: dict[tuple[int, str], _Fragment] = {}
+        self._serial = 0
+        self._decision = 0
 
-    def text(self, peer: PeerFacts, model: str) -> str:
-        key = (id(peer), model)
-        hit = self._texts.get(key)
-        if hit is not None and hit[0] is peer:  # holding the object keeps its id unique
-            return hit[1]
-        text = json.dumps(peer.as_dict(model), separators=(",", ":"))
-        self._texts[key] = (peer, text)
-        return text
+    def entry(self, peer: PeerFacts, model: str) -> tuple[str, str]:
+        """(key, JSON text) of ``peer.as_dict(model)``."""
+        slot = (id(peer), model)
+        hit = self._texts.get(slot)
+        if hit is None or hit.peer is not peer:
+            self._serial += 1
+            hit = _Fragment(peer, str(self._serial),
+                            json.dumps(peer.as_dict(model), separators=(",", ":")), 0)
+            self._texts[slot] = hit
+        hit.used = self._decision
+        return hit.key, hit.text
 
-    def prune(self, keep: tuple[PeerFacts, ...]) -> None:
-        """Forget peers not in ``keep`` once the cache has grown well past it."""
-        if len(self._texts) > 2 * len(keep) + 64:
-            alive = {id(p) for p in keep}
-            self._texts = {k: v for k, v in self._texts.items() if k[0] in alive}
+    def next_decision(self) -> list[str]:
+        """Count a decision; return the keys of the texts forgotten now, if any."""
+        self._decision += 1
+        if self._decision % self.max_idle:
+            return []
+        cutoff = self._decision - self.max_idle
+        gone = [f.key for f in self._texts.values() if f.used < cutoff]
+        if gone:
+            self._texts = {s: f for s, f in self._texts.items() if f.used >= cutoff}
+        return gone
 
     def __len__(self) -> int:
         return len(self._texts)
 
 
-def encode_input(request: RequestFacts, snapshot: Snapshot,
-                 cache: FragmentCache | None = None) -> str:
-    """The JSON text ``rbee__main`` decodes: request, local and peers (all of
-    ``snapshot.everyone()``, this node first)."""
-    cache = cache if cache is not None else FragmentCache()
+@dataclass(frozen=True)
+class Delta:
+    """What an evaluator holding a :class:`PeerStore` needs for one decision: the request,
+    the peers as fragment keys (this node first), the fragments the store lacks, and the
+    ones it may forget."""
+
+    request: dict[str, Any]
+    order: list[str]
+    local: str | None
+    new: list[tuple[str, str]]
+    forget: list[str]
+
+
+def delta_input(request: RequestFacts, snapshot: Snapshot, cache: FragmentCache,
+                known: Container[str]) -> Delta:
+    """The decision's input for a store that holds the fragments in ``known``."""
+    forget = [k for k in cache.next_decision() if k in known]
     model = request.model
-    places = snapshot.everyone()
-    local = cache.text(snapshot.local, model) if snapshot.local is not None else "null"
-    return "".join(('{"request":', json.dumps(request.as_dict(), separators=(",", ":")),
-                    ',"local":', local, ',"peers":[',
-                    ",".join([cache.text(p, model) for p in places]), "]}"))
+    order, new = [], []
+    for place in snapshot.everyone():
+        key, text = cache.entry(place, model)
+        order.append(key)
+        if key not in known:
+            new.append((key, text))
+    local = order[0] if snapshot.local is not None else None
+    return Delta(request.as_dict(), order, local, new, forget)
 
 
-def script_policy(compiled: CompiledPolicy, cancelled: Cancelled = _never,
-                  cache: FragmentCache | None = None) -> Policy:
+class PeerStore:
+    """Peer fragments decoded once and kept between decisions (in the evaluator).
+
+    Decoding JSON is most of a Starlark decision's cost (~5-9 us a peer); adverts change a
+    few peers at a time.  Each batch of new fragments is decoded into a frozen module (a
+    *chunk*); an index module maps every key to its value (rebuilt when chunks change,
+    ~0.15 us an entry).  Chunks are re-decoded into one when there are more than
+    ``max_chunks`` or when forgotten fragments outnumber live ones (so memory stays within
+    a few times what the live peers need).  Values are frozen: policies cannot mutate them.
+    """
+
+    def __init__(self, max_chunks: int = 16) -> None:
+        self.max_chunks = max_chunks
+        self._texts: dict[str, str] = {}  # live key -> JSON text
+        self._chunk_of: dict[str, int] = {}  # live key -> its chunk
+        self._chunks: dict[int, tuple[sl.FrozenModule, int]] = {}  # chunk -> (module, size)
+        self._serial = 0
+        self._index: sl.FrozenModule | None = None
+        self.decoded = 0  # fragments decoded so far (for tests and benchmarks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def update(self, new: Iterable[tuple[str, str]], forget: Iterable[str] = ()) -> None:
+        """Add fragments (key, JSON text of a peer) and forget others.  Raises ScriptError
+        ("runtime") for a text that is not a JSON object."""
+        for key in forget:
+            self._texts.pop(key, None)
+            self._chunk_of.pop(key, None)
+        fresh = [(k, t) for k, t in new if k not in self._texts]
+        if fresh:
+            self._add_chunk(fresh)
+        live = Counter(self._chunk_of.values())  # chunk -> its live fragments
+        if len(live) != len(self._chunks):  # a chunk with no live fragment left
+            self._chunks = {c: v for c, v in self._chunks.items() if c in live}
+            self._index = None
+        total = sum(size for _, size in self._chunks.values())
+        if total > 2 * len(self._texts) + 64:  # mostly forgotten: decode the live afresh
+            keep: set[int] = set()
+        elif len(self._chunks) > self.max_chunks:  # many batches: merge the smaller half
+            by_size = sorted(live, key=lambda c: live[c])
+            keep = set(by_size[len(self._chunks) - self.max_chunks // 2:])
+        else:
+            return
+        redo = [(k, t) for k, t in self._texts.items() if self._chunk_of[k] not in keep]
+        self._chunks = {c: v for c, v in self._chunks.items() if c in keep}
+        if redo:
+            self._add_chunk(redo)
+        self._index = None
+
+    def _add_chunk(self, fragments: list[tuple[str, str]]) -> None:
+        self._serial += 1
+        module = sl.Module()
+        module["rbee__text"] = "{" + ",".join(f'"{k}":{t}' for k, t in fragments) + "}"
+        try:
+            sl.eval(module, _CHUNK_AST, _GLOBALS)
+        except sl.StarlarkError as exc:
+            raise ScriptError("runtime", f"bad peer facts: {exc}") from None
+        self._chunks[self._serial] = (module.freeze(), len(fragments))
+        for key, text in fragments:
+            self._texts[key] = text
+            self._chunk_of[key] = self._serial
+        self.decoded += len(fragments)
+        self._index = None
+
+    def index(self) -> sl.FrozenModule:
+        """The module whose ``ALL`` maps every key held to its decoded peer."""
+        if self._index is None:
+            names = [f"c{c}" for c in self._chunks]
+            source = "".join(f'load("{n}", {n} = "P")\n' for n in names) + "ALL = {}\n" + \
+                "".join(f"ALL.update({n})\n" for n in names)
+            modules = {f"c{c}": module for c, (module, _) in self._chunks.items()}
+            index = sl.Module()
+            sl.eval(index, sl.parse("rbee_index.star", source, _DIALECT), _GLOBALS,
+                    sl.FileLoader(modules.__getitem__))
+            self._index = index.freeze()
+        return self._index
+
+
+def script_policy(compiled: CompiledPolicy, cancelled: Cancelled = _never) -> Policy:
     """A :data:`Policy` evaluating ``compiled`` in this process (tests, the simulator; the
-    node uses a worker process).  Raises ScriptError; use it through :func:`decide`."""
+    node uses a worker process), with its own fragment cache and store.  Raises
+    ScriptError; use it through :func:`decide`."""
+    cache, store = FragmentCache(), PeerStore()
+
     def policy(request: RequestFacts, snapshot: Snapshot) -> Decision:
-        return compiled.evaluate(encode_input(request, snapshot, cache), cancelled)
+        delta = delta_input(request, snapshot, cache, store)
+        store.update(delta.new, delta.forget)
+        return compiled.evaluate(store, delta.request, delta.order, delta.local, cancelled)
 
     policy.__name__ = compiled.label
     return policy

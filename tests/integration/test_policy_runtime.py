@@ -167,11 +167,11 @@ class Crashing(InProcessEvaluator):
         self.alive = True
         self.crash = Crashing.made == 1
 
-    async def evaluate(self, text):
+    async def evaluate(self, request, snapshot):
         if self.crash:
             self.alive = False
             raise ScriptError("crash", "the policy worker died (killed by SIGABRT)")
-        return await super().evaluate(text)
+        return await super().evaluate(request, snapshot)
 
 
 async def test_a_dead_evaluator_is_replaced(tmp_path, autojump_clock):
@@ -193,9 +193,9 @@ async def test_a_dead_evaluator_is_replaced(tmp_path, autojump_clock):
 
 
 class Slow(InProcessEvaluator):
-    async def evaluate(self, text):
+    async def evaluate(self, request, snapshot):
         await trio.sleep(0.04)
-        return await super().evaluate(text)
+        return await super().evaluate(request, snapshot)
 
 
 async def test_a_burst_falls_back_instead_of_queueing(tmp_path, autojump_clock):

@@ -13,12 +13,11 @@ from rbee_p2p.policies import FALLBACK, PolicyRuntime, WorkerEvaluator
 from rbee_p2p.policyworker import FrameReader, encode_frame
 from rbee_p2p.routing import (BUILTINS, ModelFacts, PeerFacts, Ranked, Rejected, RequestFacts,
                               Snapshot, decide)
-from rbee_p2p.routing.script import ScriptError, encode_input
+from rbee_p2p.routing.script import ScriptError
 
 SNAP = Snapshot(None, tuple(PeerFacts(id=f"p{i}", models=(ModelFacts("m"),), queue_depth=i % 3)
                             for i in range(5)))
 REQ = RequestFacts("m")
-TEXT = encode_input(REQ, SNAP)
 GOOD = "def route(request, peers, local):\n    return least_loaded(peers)\n"
 LIMIT_S = 20  # generous: CI machines are noisy; the assertions on time are separate
 
@@ -37,19 +36,19 @@ async def test_a_worker_decides_and_reports_errors_with_lines():
     with trio.fail_after(LIMIT_S):
         evaluator = await loaded(GOOD)
         try:
-            assert await evaluator.evaluate(TEXT) == Ranked(("p0", "p3", "p1", "p4", "p2"))
+            assert await evaluator.evaluate(REQ, SNAP) == Ranked(("p0", "p3", "p1", "p4", "p2"))
             await evaluator.load("p.star", route_body("reject('no')"))
-            assert await evaluator.evaluate(TEXT) == Rejected("no", "forbidden")
+            assert await evaluator.evaluate(REQ, SNAP) == Rejected("no", "forbidden")
             await evaluator.load("p.star", route_body("return 1 // 0"))
             with pytest.raises(ScriptError) as info:
-                await evaluator.evaluate(TEXT)
+                await evaluator.evaluate(REQ, SNAP)
             assert (info.value.kind, info.value.where) == ("runtime", "p.star:2:12")
             with pytest.raises(ScriptError) as info:
                 await evaluator.load("p.star", "def route(request, peers, local)\n")
             assert (info.value.kind, info.value.line, info.value.column) == ("syntax", 1, 33)
             # after a failed load nothing is loaded
             with pytest.raises(ScriptError, match="no policy is loaded"):
-                await evaluator.evaluate(TEXT)
+                await evaluator.evaluate(REQ, SNAP)
             assert evaluator.alive
         finally:
             await evaluator.aclose()
@@ -61,13 +60,13 @@ async def test_an_infinite_loop_is_stopped_at_the_deadline_by_the_worker_itself(
         try:
             started = time.monotonic()
             with pytest.raises(ScriptError) as info:
-                await evaluator.evaluate(TEXT)
+                await evaluator.evaluate(REQ, SNAP)
             elapsed = time.monotonic() - started
             assert info.value.kind == "timeout" and info.value.where == "p.star:2:5"
             assert elapsed < 1.0  # the deadline is 50 ms (plus scheduling on a busy machine)
             assert evaluator.alive  # it stopped itself: no restart needed
             await evaluator.load("p.star", GOOD)
-            assert (await evaluator.evaluate(TEXT)).candidates[0] == "p0"
+            assert (await evaluator.evaluate(REQ, SNAP)).candidates[0] == "p0"
         finally:
             await evaluator.aclose()
 
@@ -86,7 +85,7 @@ async def test_what_cannot_be_interrupted_costs_the_worker_not_the_node(body, ki
         evaluator = await loaded(route_body(body))
         started = time.monotonic()
         with pytest.raises(ScriptError) as info:
-            await evaluator.evaluate(TEXT)
+            await evaluator.evaluate(REQ, SNAP)
         assert time.monotonic() - started < 2.0
         assert info.value.kind in kinds
         if info.value.kind == "crash":
@@ -95,7 +94,7 @@ async def test_what_cannot_be_interrupted_costs_the_worker_not_the_node(body, ki
         assert not evaluator.alive or info.value.kind == "timeout" and "for" in body
         if not evaluator.alive:
             with pytest.raises(ScriptError, match="not running"):
-                await evaluator.evaluate(TEXT)
+                await evaluator.evaluate(REQ, SNAP)
         await evaluator.aclose()
 
 
@@ -140,7 +139,7 @@ async def test_cancelling_a_decision_leaves_the_worker_usable(tmp_path):
 
 
 def test_frames_round_trip_whole_and_byte_by_byte():
-    frames = [({"op": "route", "seq": 1}, TEXT.encode()), ({"ok": True}, b"")]
+    frames = [({"op": "route", "seq": 1}, "é".encode() * 5000), ({"ok": True}, b"")]
     data = b"".join(encode_frame(h, b) for h, b in frames)
     for step in (len(data), 1, 7):
         reader, out = FrameReader(), []

@@ -10,8 +10,8 @@ import pytest
 
 from rbee_p2p.routing import (BUILTINS, DeviceFacts, ModelFacts, PeerFacts, Ranked, Rejected,
                               RequestFacts, Snapshot, TenantFacts, decide)
-from rbee_p2p.routing.script import (HELPERS, FragmentCache, ScriptError, compile_policy,
-                                     encode_input, script_policy)
+from rbee_p2p.routing.script import (HELPERS, FragmentCache, PeerStore, ScriptError,
+                                     compile_policy, delta_input, script_policy)
 
 EXAMPLES = Path(__file__).parents[2] / "node" / "policies"
 GIB = 1 << 30
@@ -279,23 +279,57 @@ def test_a_policy_is_reusable_and_rejections_do_not_stick():
         assert decide(policy, req(), snap(place("a"))).candidates == ("a",)
 
 
-def test_input_is_one_json_text_with_cached_fragments():
+def test_fragments_are_encoded_once_and_sent_once():
     a, b, me = place("a", devices=(H100,)), place("b"), place("me")
-    cache = FragmentCache()
-    text = encode_input(req("gold"), snap(a, b, me), cache)
-    data = json.loads(text)
-    assert data["request"] == req("gold").as_dict()
-    assert [p["id"] for p in data["peers"]] == ["me", "a", "b"]
-    assert data["local"] == me.as_dict("m") and data["peers"][1] == a.as_dict("m")
-    assert len(cache) == 3
-    assert encode_input(req("gold"), snap(a, b, me), cache) == text and len(cache) == 3
-    # a peer whose facts changed is a new object: encoded afresh
+    cache, store = FragmentCache(), PeerStore()
+    delta = delta_input(req("gold"), snap(a, b, me), cache, store)
+    assert delta.request == req("gold").as_dict()
+    assert [json.loads(t) for _, t in delta.new] == [p.as_dict("m") for p in (me, a, b)]
+    assert delta.order == [k for k, _ in delta.new] and delta.local == delta.order[0]
+    store.update(delta.new)
+    again = delta_input(req(), snap(a, b, me), cache, store)
+    assert again.order == delta.order and again.new == [] and len(cache) == 3
+    # a peer whose facts changed is a new object: a new fragment, only that one is sent
     a2 = place("a", queue=5)
-    assert json.loads(encode_input(req(), snap(a2), cache))["peers"][0]["queue_depth"] == 5
-    for i in range(100):
-        cache.text(place(f"x{i}"), "m")
-    cache.prune((a2,))
-    assert len(cache) == 1
+    changed = delta_input(req(), snap(a2, b, me), cache, store)
+    assert [json.loads(t)["queue_depth"] for _, t in changed.new] == [5]
+    assert changed.new[0][0] not in delta.order
+    # texts unused for max_idle decisions are forgotten, and so told to the store
+    store.update(changed.new)
+    for _ in range(cache.max_idle * 2):
+        last = delta_input(req(), snap(a2), cache, store)
+        store.update(last.new, last.forget)
+        if last.forget:
+            forgotten = last.forget
+    assert len(cache) == 1 and len(store) == 1
+    assert sorted(forgotten) == sorted(delta.order)  # a's old facts, b, me
+
+
+def test_the_store_decodes_each_fragment_once_and_stays_small():
+    policy = compile_policy("p.star", "def route(request, peers, local):\n"
+                                      "    return [p['id'] + str(p['queue_depth']) for p in peers]\n")
+    cache, store = FragmentCache(), PeerStore(max_chunks=4)
+    places = [place(f"p{i}") for i in range(50)]
+    for step in range(40):
+        places[step % 50] = place(f"p{step % 50}", queue=step % 7)  # one advert changed
+        delta = delta_input(req(), snap(*places), cache, store)
+        current = set(delta.order)
+        store.update(delta.new, [k for k in list(store._texts) if k not in current])
+        assert not delta.forget or not current & set(delta.forget)
+        decision = policy.evaluate(store, delta.request, delta.order, delta.local)
+        assert decision.candidates == tuple(f"{p.id}{p.queue_depth}" for p in places)
+        assert len(store) == 50 and len(store._chunks) <= 5
+    # 50 at first, then one a step, plus some re-decoding when small batches pile up
+    assert 50 + 40 <= store.decoded <= 4 * (50 + 40)
+    with pytest.raises(KeyError):
+        policy.evaluate(store, delta.request, ["nope"], None)
+
+
+def test_peers_are_read_only():
+    source = "def route(request, peers, local):\n    peers[0]['id'] = 'x'\n    return []\n"
+    with pytest.raises(ScriptError) as info:
+        decide(script_policy(compile_policy("p.star", source)), req(), snap(place("a")))
+    assert (info.value.kind, info.value.line) == ("runtime", 2)
 
 
 @pytest.mark.parametrize("peer", FARM + [place("x", models=("a", "b"), latency=3.5)])
