@@ -162,8 +162,6 @@ def _cmd_policy_test(args: argparse.Namespace) -> int:
     import trio
 
     from .policies import PolicyRuntime, START_S
-
-    logging.getLogger("rbee_p2p.policies").disabled = True  # the report says it all
     from .routing import Ranked
     from .routing.script import ScriptError
 
@@ -180,6 +178,8 @@ def _cmd_policy_test(args: argparse.Namespace) -> int:
                 return await runtime.decide(request, snapshot)
 
     report: dict[str, Any] = {"policy": runtime.name}
+    logger = logging.getLogger("rbee_p2p.policies")
+    quiet, logger.disabled = logger.disabled, True  # the report says it all
     try:
         outcome = trio.run(dry_run)
     except ScriptError as exc:
@@ -189,6 +189,8 @@ def _cmd_policy_test(args: argparse.Namespace) -> int:
         report.update(decision="error", error={"kind": "load", "message": str(exc) or
                                                "the dry run did not finish in time"})
         outcome = None
+    finally:
+        logger.disabled = quiet
     if outcome is not None:
         d = outcome.decision
         if outcome.error is not None:
