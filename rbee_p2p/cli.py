@@ -107,6 +107,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for addr in status.get("addrs", []):
         print(f"p2p      {addr}")
     print(f"peers    {len(status.get('peers', []))} (rbee-node peers for the list)")
+    policy = status.get("policy")
+    if policy:
+        extra = "" if "file" not in policy else (
+            f" ({'loaded' if policy['loaded'] else 'NOT loaded: fastest decides'}; "
+            f"{policy['decisions']} decisions, {policy['fallbacks']} by the fallback)")
+        print(f"policy   {policy['policy']}{extra}")
+        if policy.get("last_error"):
+            print(f"         last error: {policy['last_error']['message']}")
     print("models")
     for m in status["models"]:
         aliases = f" (also {', '.join(m['aliases'])})" if m.get("aliases") else ""

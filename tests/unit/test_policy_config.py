@@ -38,3 +38,18 @@ def test_bad_policy_settings(tmp_path, text, match):
 def test_start_takes_a_policy_flag():
     args = build_parser().parse_args(["start", "--policy", str(EXAMPLE)])
     assert args.policy == str(EXAMPLE)
+
+
+def test_status_shows_the_policy(monkeypatch, capsys):
+    from rbee_p2p import cli
+
+    status = {"peer_id": "12D3KooWx", "version": "0", "models": [], "policy": {
+        "policy": "starlark:tiers.star", "file": "/p/tiers.star", "loaded": False,
+        "decisions": 7, "fallbacks": 2, "last_error": {"kind": "syntax",
+                                                       "message": "tiers.star:3:1: oops"}}}
+    monkeypatch.setattr(cli, "_fetch_status", lambda url: status)
+    monkeypatch.setattr("rbee_p2p.engines.hub.status_lines", lambda s: [])
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "policy   starlark:tiers.star (NOT loaded: fastest decides; 7 decisions, 2 by the " \
+           "fallback)" in out and "last error: tiers.star:3:1: oops" in out
