@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import table  # noqa: E402
 
 from rbee_p2p.policies import PolicyRuntime  # noqa: E402
-from rbee_p2p.routing import (BUILTINS, DeviceFacts, ModelFacts, PeerFacts, RequestFacts,  # noqa: E402
-                              Snapshot, TenantFacts, decide, eligible)
+from rbee_p2p.routing import (BUILTINS, DeviceFacts, ModelFacts, PeerFacts,  # noqa: E402
+                              RequestFacts, Snapshot, TenantFacts, decide, eligible)
 
 MODELS = ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "sdxl-turbo"]
 GPUS = [("NVIDIA H100 80GB HBM3", 80), ("NVIDIA A100-SXM4-40GB", 40),
@@ -63,7 +63,8 @@ def snapshot(rng: random.Random, n: int, everyone: bool = False) -> Snapshot:
     if everyone:  # every peer serves the requested model and has room
         peers = [PeerFacts(**{**p.__dict__, "models": (ModelFacts(MODELS[0], tokens_per_s=99),),
                               "queue_depth": min(p.queue_depth, 15)}) for p in peers]
-    local = PeerFacts(id="12D3KooWlocal", local=True, models=(ModelFacts(MODELS[0], tokens_per_s=40),),
+    local = PeerFacts(id="12D3KooWlocal", local=True,
+                      models=(ModelFacts(MODELS[0], tokens_per_s=40),),
                       devices=(DeviceFacts("cpu", "cpu", "cpu", 32 * GIB, 16 * GIB),),
                       jurisdiction="DE")
     return Snapshot(local, tuple(peers))

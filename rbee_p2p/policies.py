@@ -44,6 +44,7 @@ FALLBACK = "fastest"
 LOAD_TIMEOUT_MS = 1000  # a policy's top-level code (constants, mostly)
 START_S = 10.0  # a fresh worker: Python and starlark-pyo3 start (~0.1 s idle, more under load)
 RESTART_INTERVAL_S = 1.0  # a script that kills every worker must not keep the CPU busy
+RESTART_MAX_S = 60.0
 LOG_INTERVAL_S = 10.0  # the same error is logged at most this often
 
 
@@ -154,7 +155,8 @@ class WorkerEvaluator:
             raise ScriptError.from_dict(reply["error"])
         if "rejected" in reply:
             return Rejected(str(reply["rejected"]), "forbidden")
-        if "ranked" not in reply:
+        if "ranked" not in reply:  # still missing after sending everything: start afresh
+            await self._kill()
             raise ScriptError("crash", "the policy worker lost track of the peers")
         return Ranked(tuple(str(i) for i in reply["ranked"]))
 
@@ -276,13 +278,14 @@ class PolicyRuntime:
 
     def __init__(self, spec: str = FALLBACK, *, timeout_ms: float = DEFAULT_TIMEOUT_MS,
                  memory_mb: int = 512, reload_s: float = 1.0,
+                 restart_s: float = RESTART_INTERVAL_S,
                  evaluator: Callable[[], Evaluator] | None = None) -> None:
         target = parse_spec(spec)
         self.path = target if isinstance(target, Path) else None
         self.builtin: Policy | None = BUILTINS[target] if isinstance(target, str) else None
         self.name = target if isinstance(target, str) else label(target.name)
         self.timeout_ms, self.reload_s = timeout_ms, reload_s
-        self.restart_s = RESTART_INTERVAL_S
+        self.restart_s = self._restart_wait = restart_s
         self._make: Callable[[], Evaluator] = evaluator or (
             lambda: WorkerEvaluator(timeout_ms, memory_mb))
         self._evaluator: Evaluator | None = None
@@ -331,6 +334,7 @@ class PolicyRuntime:
                         self._restart.set()
                     return self._fallback(request, narrowed, exc)
                 ms = (time.perf_counter() - started) * 1000.0
+                self._restart_wait = self.restart_s
                 raw = _labelled(raw, self.name)
                 return Outcome(decide(lambda _r, _s: raw, request, narrowed, self.name),
                                raw=raw, ms=ms)
@@ -383,7 +387,7 @@ class PolicyRuntime:
             return
         try:
             source, stamp = self._read()
-            if not await self._load(source, stamp, initial=True):
+            if not await self._load(source, stamp):
                 assert self.last_error is not None
                 if strict:
                     raise self.last_error
@@ -403,8 +407,9 @@ class PolicyRuntime:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the routing policy {self.path}: {exc}") from None
 
-    async def _load(self, source: str, stamp: tuple[int, int], initial: bool = False) -> bool:
-        """Compile ``source`` in the evaluator (a new one if it is dead)."""
+    async def _load(self, source: str, stamp: tuple[int, int], why: str = "start") -> bool:
+        """Compile ``source`` in the evaluator (a new one if it is dead).  ``why``:
+        "start" (errors are the caller's to report), "change" or "restart"."""
         assert self.path is not None
         self._source, self._stamp = source, stamp
         async with self._lock:
@@ -418,23 +423,27 @@ class PolicyRuntime:
             except ScriptError as exc:
                 self.last_error = exc
                 self.errors += 1
-                if not initial:
+                if why != "start":
                     log.error("routing policy %s does not load: %s; %s decides until it is "
-                              "fixed", self.path, exc, FALLBACK)
+                              "changed", self.path, exc, FALLBACK)
                 return False
         self._usable = True
         self.loaded_at = time.time()
-        if not initial:
+        if why == "change":
             self.reloads += 1
             log.warning("routing policy %s reloaded", self.path)
+        elif why == "restart":
+            log.warning("routing policy %s: its worker was restarted", self.path)
         return True
 
     async def _respawn(self) -> None:
-        """A new worker with the current source, at most once per ``restart_s``."""
-        await trio.sleep(self.restart_s)
+        """A new worker with the current source after ``restart_s``, doubled (up to
+        RESTART_MAX_S) while every new one dies before a decision succeeds."""
+        await trio.sleep(self._restart_wait)
+        self._restart_wait = min(self._restart_wait * 2, RESTART_MAX_S)
         if self._source is not None and self._stamp is not None and not self._usable:
             self.restarts += 1
-            await self._load(self._source, self._stamp, initial=True)
+            await self._load(self._source, self._stamp, "restart")
 
     async def _reload_if_changed(self) -> None:
         assert self.path is not None
@@ -449,7 +458,7 @@ class PolicyRuntime:
         except ConfigError as exc:
             log.warning("%s; keeping the loaded version", exc)
             return
-        await self._load(source, stamp)
+        await self._load(source, stamp, "change")
 
     def status(self) -> dict[str, Any]:
         """For GET /rbee/status."""

@@ -15,8 +15,8 @@ same), decoded once into a :class:`PeerStore` where the evaluator keeps them, an
 decision sends only the fragments the store lacks plus the peers' keys in order
 (:func:`delta_input`).  Nothing here reads a clock: the caller passes
 ``cancelled``, which the interpreter polls (every few thousand steps) and which stops
-loops and long evaluations.  What polling cannot stop (one huge allocation, a huge string
-repeat) is the caller's business: the node evaluates in a worker process with resource
+loops and long evaluations.  What polling cannot stop (one huge allocation or string, a
+sort of millions) is the caller's business: the node evaluates in a worker process with resource
 limits (``rbee_p2p/policyworker.py``).
 """
 
@@ -147,12 +147,14 @@ def rbee__route(request, peers, local):
     # this frame: an error in it must be reported at its own line
     ranked = route(*(request, peers, local))
     if type(ranked) not in ("list", "tuple"):
-        return ("bad", "route() must return a list of peer ids (or call reject(reason)), not " + type(ranked))
+        return ("bad", "route() must return a list of peer ids (or call reject(reason)), " +
+                "not " + type(ranked))
     # one JSON text for Python: converting values costs ~1.5 us a string, ~20 us a dict
     ranked = [x["id"] if type(x) == "dict" and "id" in x else x for x in ranked]
     wrong = [type(x) for x in ranked if type(x) != "string"]
     if wrong:
-        return ("bad", "route() must return peer ids (strings) or peer dicts, not " + wrong[0])
+        return ("bad", "route() must return peer ids (strings) or peer dicts, not " +
+                wrong[0])
     return ("ok", rbee__encode(ranked))
 '''
 

@@ -192,6 +192,38 @@ async def test_a_dead_evaluator_is_replaced(tmp_path, autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+class AlwaysCrashing(InProcessEvaluator):
+    made = 0
+
+    def __init__(self):
+        super().__init__()
+        AlwaysCrashing.made += 1
+        self.alive = True
+
+    async def evaluate(self, request, snapshot):
+        self.alive = False
+        raise ScriptError("crash", "the policy worker died (killed by SIGABRT)")
+
+
+async def test_restarts_back_off_while_every_worker_dies(tmp_path, autojump_clock):
+    path = tmp_path / "p.star"
+    write(path, LEAST, 1)
+    AlwaysCrashing.made = 0
+    async with trio.open_nursery() as nursery:
+        runtime = await started(nursery, PolicyRuntime(str(path), evaluator=AlwaysCrashing))
+        start = trio.current_time()
+        restarted_at = []
+        for _ in range(4):
+            assert (await runtime.decide(REQ, SNAP)).error.kind == "crash"
+            made = AlwaysCrashing.made
+            while AlwaysCrashing.made == made:
+                await trio.sleep(0.01)
+            restarted_at.append(round(trio.current_time() - start))
+        assert restarted_at == [1, 1 + 2, 1 + 2 + 4, 1 + 2 + 4 + 8]
+        assert runtime.status()["restarts"] == 4
+        nursery.cancel_scope.cancel()
+
+
 class Slow(InProcessEvaluator):
     async def evaluate(self, request, snapshot):
         await trio.sleep(0.04)

@@ -75,7 +75,8 @@ async def test_an_infinite_loop_is_stopped_at_the_deadline_by_the_worker_itself(
     # one allocation too big for the address-space limit: the process aborts
     ("return [0] * 2000000000", {"crash"}),
     # memory growth in a loop: the limit or the deadline, whichever comes first
-    ("x = []\n    for i in range(1000000000):\n        x.append([i, i, i, i])", {"crash", "timeout"}),
+    ("x = []\n    for i in range(1000000000):\n        x.append([i, i, i, i])",
+     {"crash", "timeout"}),
     ("x = 'a'\n    for i in range(40):\n        x = x + x", {"crash", "timeout"}),
     # one native operation that does not poll for cancellation: killed at the deadline
     ("return sorted(range(3000000), key = lambda i: -i)", {"timeout"}),

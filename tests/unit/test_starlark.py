@@ -306,8 +306,8 @@ def test_fragments_are_encoded_once_and_sent_once():
 
 
 def test_the_store_decodes_each_fragment_once_and_stays_small():
-    policy = compile_policy("p.star", "def route(request, peers, local):\n"
-                                      "    return [p['id'] + str(p['queue_depth']) for p in peers]\n")
+    policy = compile_policy("p.star", "def route(request, peers, local):\n    return "
+                                      "[p['id'] + str(p['queue_depth']) for p in peers]\n")
     cache, store = FragmentCache(), PeerStore(max_chunks=4)
     places = [place(f"p{i}") for i in range(50)]
     for step in range(40):
