@@ -356,13 +356,15 @@ class _Fragment:
 class FragmentCache:
     """Each peer's JSON for a model, reused while the peer's facts object is the same one
     (PeerFacts are frozen; the node keeps a peer's object until its advert changes).
-    Each text has a key of its own, never reused: what a :class:`PeerStore` knows it by.
-    Texts no decision used for ``max_idle`` decisions are forgotten (checked every
-    ``max_idle`` decisions): replaced facts, peers gone."""
+    Each distinct text has a key of its own, never reused for another text: what a
+    :class:`PeerStore` knows it by.  A new advert saying the same as the last one (the
+    same text) keeps the key, so nothing new is sent or decoded.  Texts no decision used
+    for ``max_idle`` decisions are forgotten (checked every ``max_idle`` decisions)."""
 
-    def __init__(self, max_idle: int = 32) -> None:
+    def __init__(self, max_idle: int = 16) -> None:
         self.max_idle = max_idle
         self._texts: dict[tuple[int, str], _Fragment] = {}
+        self._keys: dict[str, str] = {}  # text -> key
         self._serial = 0
         self._decision = 0
 
@@ -371,10 +373,12 @@ class FragmentCache:
         slot = (id(peer), model)
         hit = self._texts.get(slot)
         if hit is None or hit.peer is not peer:
-            self._serial += 1
-            hit = _Fragment(peer, str(self._serial),
-                            json.dumps(peer.as_dict(model), separators=(",", ":")), 0)
-            self._texts[slot] = hit
+            text = json.dumps(peer.as_dict(model), separators=(",", ":"))
+            key = self._keys.get(text)
+            if key is None:
+                self._serial += 1
+                key = self._keys[text] = str(self._serial)
+            hit = self._texts[slot] = _Fragment(peer, key, text, 0)
         hit.used = self._decision
         return hit.key, hit.text
 
@@ -384,13 +388,14 @@ class FragmentCache:
         if self._decision % self.max_idle:
             return []
         cutoff = self._decision - self.max_idle
-        gone = [f.key for f in self._texts.values() if f.used < cutoff]
-        if gone:
-            self._texts = {s: f for s, f in self._texts.items() if f.used >= cutoff}
+        self._texts = {s: f for s, f in self._texts.items() if f.used >= cutoff}
+        live = {f.text for f in self._texts.values()}
+        gone = [key for text, key in self._keys.items() if text not in live]
+        self._keys = {text: key for text, key in self._keys.items() if text in live}
         return gone
 
     def __len__(self) -> int:
-        return len(self._texts)
+        return len(self._keys)
 
 
 @dataclass(frozen=True)

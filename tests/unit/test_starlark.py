@@ -289,6 +289,9 @@ def test_fragments_are_encoded_once_and_sent_once():
     store.update(delta.new)
     again = delta_input(req(), snap(a, b, me), cache, store)
     assert again.order == delta.order and again.new == [] and len(cache) == 3
+    # a new advert saying the same (a new facts object, the same text): nothing to send
+    same = delta_input(req(), snap(place("a", devices=(H100,)), b, me), cache, store)
+    assert same.order == delta.order and same.new == []
     # a peer whose facts changed is a new object: a new fragment, only that one is sent
     a2 = place("a", queue=5)
     changed = delta_input(req(), snap(a2, b, me), cache, store)
