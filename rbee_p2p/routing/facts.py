@@ -84,8 +84,10 @@ class PeerFacts:
         return m is not None and (modality is None or m.modality == modality)
 
     def speed(self, name: str) -> float:
-        m = self.model(name)
-        return m.tokens_per_s if m is not None and m.tokens_per_s > 0 else DEFAULT_TOKENS_PER_S
+        for m in self.models:
+            if m.name == name:
+                return m.tokens_per_s if m.tokens_per_s > 0 else DEFAULT_TOKENS_PER_S
+        return DEFAULT_TOKENS_PER_S
 
     @property
     def full(self) -> bool:

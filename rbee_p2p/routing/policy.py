@@ -103,9 +103,10 @@ def decide(policy: Policy, request: RequestFacts, snapshot: Snapshot, name: str 
 def _score(key: Callable[[PeerFacts], float]) -> Callable[[PeerFacts], tuple[float, int, str]]:
     """``key`` with this node's score discounted by LOCAL_MARGIN; on equal scores this
     node, then peer id (deterministic)."""
+    discount = 1.0 - LOCAL_MARGIN
+
     def score(p: PeerFacts) -> tuple[float, int, str]:
-        k = key(p)
-        return (k * (1.0 - LOCAL_MARGIN) if p.local else k, 0 if p.local else 1, p.id)
+        return (key(p) * discount, 0, p.id) if p.local else (key(p), 1, p.id)
 
     return score
 
@@ -119,13 +120,23 @@ def _ranked(name: str, places: Iterable[PeerFacts],
 def expected_ms(place: PeerFacts, request: RequestFacts) -> float:
     """Time until ``request`` would be complete there: the jobs ahead of it (assumed to be
     like it) plus its own run, plus the network round trip."""
-    run_ms = max(request.max_tokens, 1) / place.speed(request.model) * 1000.0
-    return (place.queue_depth + place.active_jobs + 1) * run_ms + place.latency_ms
+    return _expected(request)(place)
+
+
+def _expected(request: RequestFacts) -> Callable[[PeerFacts], float]:
+    """:func:`expected_ms` for one request (what does not depend on the place, once)."""
+    tokens_ms, model = max(request.max_tokens, 1) * 1000.0, request.model
+
+    def ms(place: PeerFacts) -> float:
+        return ((place.queue_depth + place.active_jobs + 1) * tokens_ms / place.speed(model)
+                + place.latency_ms)
+
+    return ms
 
 
 def fastest(request: RequestFacts, snapshot: Snapshot) -> Decision:
     """Fastest expected completion (the default): queue x measured speed + latency."""
-    return _ranked("fastest", snapshot.everyone(), lambda p: expected_ms(p, request))
+    return _ranked("fastest", snapshot.everyone(), _expected(request))
 
 
 def least_loaded(request: RequestFacts, snapshot: Snapshot) -> Decision:
@@ -140,7 +151,7 @@ def lowest_latency(request: RequestFacts, snapshot: Snapshot) -> Decision:
 
 def cheapest(request: RequestFacts, snapshot: Snapshot) -> Decision:
     """Lowest advertised price; among equal prices the fastest."""
-    fast = _score(lambda p: expected_ms(p, request))
+    fast = _score(_expected(request))
     places = sorted(snapshot.everyone(), key=lambda p: (p.price, fast(p)))
     return Ranked(tuple(p.id for p in places), "cheapest")
 

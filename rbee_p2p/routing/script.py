@@ -112,8 +112,8 @@ def load_of(p):
 
 def expected_ms(p, request):
     """Time until request would be complete on p (as the built-in fastest policy)."""
-    run_ms = max(request["max_tokens"], 1) / p["tokens_per_s"] * 1000.0
-    return (p["queue_depth"] + p["active_jobs"] + 1) * run_ms + p["latency_ms"]
+    jobs = p["queue_depth"] + p["active_jobs"] + 1
+    return jobs * (max(request["max_tokens"], 1) * 1000.0) / p["tokens_per_s"] + p["latency_ms"]
 
 def least_loaded(peers):
     """Best first: the fewest jobs relative to the queue's size."""
