@@ -25,10 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import struct
 import sys
 import time
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from .routing import Rejected
 from .routing.script import CompiledPolicy, PeerStore, ScriptError, compile_policy
@@ -118,7 +119,7 @@ def _arm_cpu(cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def _deadline(timeout_ms: float) -> Any:
+def _deadline(timeout_ms: float) -> Callable[[], bool]:
     end = time.monotonic() + timeout_ms / 1000.0
     return lambda: time.monotonic() > end
 
@@ -188,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu-s", type=int, default=5,
                         help="CPU seconds one request may use before the process is ended")
     args = parser.parse_args(argv)
+    # Ctrl-C on the node reaches its whole process group: the node ends this process when
+    # it has finished (or at the end of its input), not the terminal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the protocol owns the original stdin/stdout: nothing else may write to them
     inp = os.fdopen(os.dup(0), "rb", buffering=1024 * 1024)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _limit(args.memory_mb)  # after the imports: the interpreter is loaded, policies are not
     try:
         serve(inp, out, args.cpu_s)
-    except (BrokenPipeError, KeyboardInterrupt):
+    except BrokenPipeError:
         pass
     return 0
 
