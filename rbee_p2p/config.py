@@ -105,6 +105,9 @@ class NodeConfig:
     dead_after: float = 8.0  # ... and dead (dropped from routing)
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
     audit_retention_days: float | None = None  # prune older audit records; None: keep all
+    # -- routing --
+    policy: str = "fastest"  # a built-in's name or a Starlark policy file (.star)
+    policy_timeout_ms: int = 50  # a Starlark decision's deadline (then the built-in decides)
 
     def served_models(self) -> tuple[ModelSpec, ...]:
         """The configured models plus the embedded default (unless disabled or shadowed)."""
@@ -169,12 +172,14 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
             "dead_after": float,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
-            "memory_headroom": float, "audit_retention_days": float}
+            "memory_headroom": float, "audit_retention_days": float,
+            "policy": str, "policy_timeout_ms": int}
 _LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces", "fake_models"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
         "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS",
         "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION",
-        "audit_retention_days": "RBEE_AUDIT_RETENTION_DAYS"}
+        "audit_retention_days": "RBEE_AUDIT_RETENTION_DAYS",
+        "policy": "RBEE_POLICY"}
 
 
 def _budgets(table: Any, where: str) -> tuple[tuple[str, int], ...]:
@@ -213,6 +218,14 @@ def _convert(key: str, value: Any, where: str) -> Any:
         except (TypeError, ValueError):
             pass
     raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
+
+
+def _check_policy(config: NodeConfig) -> None:
+    from .policies import parse_spec
+
+    parse_spec(config.policy)  # raises ConfigError
+    if not 1 <= config.policy_timeout_ms <= 10_000:
+        raise ConfigError("policy_timeout_ms must be between 1 and 10000")
 
 
 def load_config(
@@ -268,6 +281,7 @@ def load_config(
         raise ConfigError("need 0 < suspect_after < dead_after")
     if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:
         raise ConfigError("jurisdiction is at most 8 bytes (e.g. EU), swarm at most 128")
+    _check_policy(config)
     if len({m.name for m in config.served_models()}) != len(config.served_models()):
         raise ConfigError("two models have the same name; name them with NAME=PATH")
     return config

@@ -26,6 +26,7 @@ from .engines.scheduler import Scheduler
 from .errors import ConfigError
 from .mesh.forward import Executor
 from .mesh.service import LocalInfo, Mesh, MeshConfig
+from .policies import PolicyRuntime
 from .protocol.envelope import Verifier
 from .protocol.identity import NodeKey
 from .protocol.messages import DeviceInfo
@@ -77,8 +78,10 @@ class Node:
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
+        self.policy = PolicyRuntime(config.policy, timeout_ms=config.policy_timeout_ms)
         self.dispatcher = Dispatcher(self.scheduler, local_id=self.peer_id or "local",
                                      jurisdiction=config.jurisdiction, audit=audit,
+                                     router=self.policy.route,
                                      peer=key.peer_id if key is not None else None)
         self.gate = Gate(config.home)
         self.serving = Serving(self.dispatcher, self.gate)
@@ -110,7 +113,7 @@ class Node:
             "peer_id": self.peer_id, "version": __version__,
             "url": f"http://{self.config.host}:{self.config.port}/v1",
             "uptime_s": round(time.time() - self.started, 1), "models": models,
-            "addrs": [], "peers": []}
+            "addrs": [], "peers": [], "policy": self.policy.status()}
         status.update(self.capacity.status())  # devices, unavailable models, images
         status["images"].update(self.images.status())
         status["tenancy"] = self.gate.status()
@@ -220,6 +223,7 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
             node = Node(config, engines, key=key, audit=writer, capacity=capacity)
             if handle_signals:
                 await services.start(_in_scope, helpers, _wait_for_signal, shutdown)
+            await services.start(_in_scope, helpers, node.policy.run)
             if config.p2p:
                 await services.start(_in_scope, helpers, node.build_mesh().run)
             async with trio.open_nursery() as http:

@@ -9,7 +9,7 @@ the simulator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 __all__ = [
     "ModelFacts",
@@ -84,19 +84,21 @@ class PeerFacts:
         return m is not None and (modality is None or m.modality == modality)
 
     def speed(self, name: str) -> float:
-        m = self.model(name)
-        return m.tokens_per_s if m is not None and m.tokens_per_s > 0 else DEFAULT_TOKENS_PER_S
+        for m in self.models:
+            if m.name == name:
+                return m.tokens_per_s if m.tokens_per_s > 0 else DEFAULT_TOKENS_PER_S
+        return DEFAULT_TOKENS_PER_S
 
     @property
     def full(self) -> bool:
         return self.queue_depth >= self.max_queue
 
     def as_dict(self, model: str | None = None) -> dict[str, Any]:
-        """Plain data for scripts; ``tokens_per_s`` is the requested model's speed."""
+        """Plain data for scripts (the Starlark contract, node/policies/README.md):
+        ``tokens_per_s`` is ``model``'s measured speed, else the default estimate."""
         return {
             "id": self.id, "local": self.local,
             "models": [m.name for m in self.models],
-            "model_info": [m.as_dict() for m in self.models],
             "devices": [d.as_dict() for d in self.devices],
             "queue_depth": self.queue_depth, "active_jobs": self.active_jobs,
             "max_queue": self.max_queue,
@@ -104,6 +106,32 @@ class PeerFacts:
             "latency_ms": self.latency_ms, "jurisdiction": self.jurisdiction,
             "price": self.price, "reputation": self.reputation, "state": self.state,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PeerFacts:
+        """The inverse of :meth:`as_dict` for dry runs and tests; every key but ``id`` is
+        optional.  ``models`` holds names (each at ``tokens_per_s``) or
+        :meth:`ModelFacts.as_dict` tables.  Raises ValueError or TypeError."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("id"), str):
+            raise ValueError(f"a peer needs a string id: {data!r}")
+        speed = float(data.get("tokens_per_s", 0.0))
+        models = tuple(ModelFacts(m, tokens_per_s=speed) if isinstance(m, str)
+                       else ModelFacts(str(m["name"]), str(m.get("modality", "text")),
+                                       float(m.get("tokens_per_s", speed)), m.get("device"))
+                       for m in data.get("models", ()))
+        devices = tuple(DeviceFacts(str(d.get("id", d.get("backend", "cpu"))),
+                                    str(d.get("backend", "cpu")), str(d.get("name", "")),
+                                    int(d.get("mem_total", 0)), int(d.get("mem_free", 0)))
+                        for d in data.get("devices", ()))
+        return cls(id=data["id"], local=bool(data.get("local", False)), models=models,
+                   devices=devices, queue_depth=int(data.get("queue_depth", 0)),
+                   active_jobs=int(data.get("active_jobs", 0)),
+                   max_queue=int(data.get("max_queue", DEFAULT_MAX_QUEUE)),
+                   latency_ms=float(data.get("latency_ms", 0.0)),
+                   jurisdiction=str(data.get("jurisdiction", "")),
+                   price=int(data.get("price", 0)),
+                   reputation=float(data.get("reputation", 1.0)),
+                   state=str(data.get("state", "alive")))
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,20 @@ class RequestFacts:
             "tenant": None if tenant is None else
             {"id": tenant.id, "tier": tenant.tier, "residency": tenant.residency},
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RequestFacts:
+        """The inverse of :meth:`as_dict` (``tokens`` is derived, so ignored); only
+        ``model`` is required.  Raises ValueError or TypeError."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("model"), str):
+            raise ValueError(f"a request needs a string model: {data!r}")
+        t = data.get("tenant")
+        tenant = None if t is None else TenantFacts(
+            str(t["id"]), str(t.get("tier") or "default"),
+            None if t.get("residency") is None else str(t["residency"]))
+        return cls(model=data["model"], modality=str(data.get("modality", "text")),
+                   max_tokens=int(data.get("max_tokens", 256)),
+                   prompt_tokens=int(data.get("prompt_tokens", 0)), tenant=tenant)
 
 
 @dataclass(frozen=True)

@@ -53,16 +53,26 @@ def satisfies(jurisdiction: str, residency: str | None) -> bool:
 
 def eligible(request: RequestFacts, snapshot: Snapshot) -> Snapshot | Rejected:
     """The snapshot narrowed to places that serve the model, satisfy residency and have
-    room; or why there are none."""
-    serving = [p for p in snapshot.everyone() if p.serves(request.model, request.modality)]
+    room; or why there are none.  (One pass: it runs twice per decision, on 1,000s of
+    peers.)"""
+    model, modality = request.model, request.modality
+    residency = request.tenant.residency if request.tenant is not None else None
+    serving = allowed = 0
+    open_: list[PeerFacts] = []
+    for p in snapshot.everyone():
+        if not p.serves(model, modality):
+            continue
+        serving += 1
+        if residency and not satisfies(p.jurisdiction, residency):
+            continue
+        allowed += 1
+        if not p.full:
+            open_.append(p)
     if not serving:
         return Rejected(f"no live node serves model {request.model}", "unavailable")
-    residency = request.tenant.residency if request.tenant is not None else None
-    allowed = [p for p in serving if satisfies(p.jurisdiction, residency)]
     if not allowed:
         return Rejected(f"no node in {residency} serves model {request.model}: the tenant's "
                         f"residency ({residency}) forbids running it elsewhere", "forbidden")
-    open_ = [p for p in allowed if not p.full]
     if not open_:
         return Rejected(f"every node serving {request.model} is busy; retry later", "busy")
     local = next((p for p in open_ if p.local), None)
@@ -80,37 +90,53 @@ def decide(policy: Policy, request: RequestFacts, snapshot: Snapshot, name: str 
     if isinstance(decision, Rejected):
         return decision
     allowed = {p.id for p in narrowed.everyone()}
-    seen: list[str] = []
+    seen: dict[str, None] = {}  # ordered, each once (a list would make this quadratic)
     for pid in decision.candidates:
-        if pid in allowed and pid not in seen:
-            seen.append(pid)
+        if pid in allowed:
+            seen.setdefault(pid)
     if not seen:
         return Rejected(f"the routing policy chose no eligible node for {request.model}",
                         "forbidden", decision.policy or name)
     return Ranked(tuple(seen), decision.policy or name)
 
 
+def _score(key: Callable[[PeerFacts], float]) -> Callable[[PeerFacts], tuple[float, int, str]]:
+    """``key`` with this node's score discounted by LOCAL_MARGIN; on equal scores this
+    node, then peer id (deterministic)."""
+    discount = 1.0 - LOCAL_MARGIN
+
+    def score(p: PeerFacts) -> tuple[float, int, str]:
+        return (key(p) * discount, 0, p.id) if p.local else (key(p), 1, p.id)
+
+    return score
+
+
 def _ranked(name: str, places: Iterable[PeerFacts],
             key: Callable[[PeerFacts], float]) -> Ranked:
-    """Best-first by ``key`` with this node's score discounted by LOCAL_MARGIN; on equal
-    scores this node, then peer id (deterministic)."""
-    def score(p: PeerFacts) -> tuple[float, int, str]:
-        k = key(p)
-        return (k * (1.0 - LOCAL_MARGIN) if p.local else k, 0 if p.local else 1, p.id)
-
-    return Ranked(tuple(p.id for p in sorted(places, key=score)), name)
+    """Best-first by ``key`` (see :func:`_score`)."""
+    return Ranked(tuple(p.id for p in sorted(places, key=_score(key))), name)
 
 
 def expected_ms(place: PeerFacts, request: RequestFacts) -> float:
     """Time until ``request`` would be complete there: the jobs ahead of it (assumed to be
     like it) plus its own run, plus the network round trip."""
-    run_ms = max(request.max_tokens, 1) / place.speed(request.model) * 1000.0
-    return (place.queue_depth + place.active_jobs + 1) * run_ms + place.latency_ms
+    return _expected(request)(place)
+
+
+def _expected(request: RequestFacts) -> Callable[[PeerFacts], float]:
+    """:func:`expected_ms` for one request (what does not depend on the place, once)."""
+    tokens_ms, model = max(request.max_tokens, 1) * 1000.0, request.model
+
+    def ms(place: PeerFacts) -> float:
+        return ((place.queue_depth + place.active_jobs + 1) * tokens_ms / place.speed(model)
+                + place.latency_ms)
+
+    return ms
 
 
 def fastest(request: RequestFacts, snapshot: Snapshot) -> Decision:
     """Fastest expected completion (the default): queue x measured speed + latency."""
-    return _ranked("fastest", snapshot.everyone(), lambda p: expected_ms(p, request))
+    return _ranked("fastest", snapshot.everyone(), _expected(request))
 
 
 def least_loaded(request: RequestFacts, snapshot: Snapshot) -> Decision:
@@ -125,10 +151,8 @@ def lowest_latency(request: RequestFacts, snapshot: Snapshot) -> Decision:
 
 def cheapest(request: RequestFacts, snapshot: Snapshot) -> Decision:
     """Lowest advertised price; among equal prices the fastest."""
-    best = fastest(request, snapshot)
-    assert isinstance(best, Ranked)
-    order = {pid: i for i, pid in enumerate(best.candidates)}
-    places = sorted(snapshot.everyone(), key=lambda p: (p.price, order[p.id]))
+    fast = _score(_expected(request))
+    places = sorted(snapshot.everyone(), key=lambda p: (p.price, fast(p)))
     return Ranked(tuple(p.id for p in places), "cheapest")
 
 
