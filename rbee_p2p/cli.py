@@ -48,7 +48,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction,
              "fake_models": args.fake_model or None,
              "allow_open": True if args.allow_open else None,
-             "mdns_interfaces": args.mdns_interface or None, "policy": args.policy}
+             "mdns_interfaces": args.mdns_interface or None, "policy": args.policy,
+             "pins": args.pin}
     config = load_config(args.config, flags=flags)
     try:
         trio.run(run_node, config)
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="routing policy: a built-in (fastest, least_loaded, "
                               "lowest_latency, cheapest, local_only) or a Starlark file; "
                               "default fastest")
+    p_start.add_argument("--pin", action="append", default=[], metavar="MODEL=PEER|DEVICE",
+                         help="run MODEL only on that peer id, device (cuda:0) or device name "
+                              "(H100); with a built-in policy (repeatable)")
     p_start.add_argument("--fake-model", action="append", default=[],
                          metavar="NAME:TOKENS_PER_S",
                          help="(testing) also serve a scripted model at a fixed token rate")

@@ -108,6 +108,7 @@ class NodeConfig:
     # -- routing --
     policy: str = "fastest"  # a built-in's name or a Starlark policy file (.star)
     policy_timeout_ms: int = 50  # a Starlark decision's deadline (then the built-in decides)
+    pins: tuple[tuple[str, str], ...] = ()  # model -> peer id or device, with a built-in policy
 
     def served_models(self) -> tuple[ModelSpec, ...]:
         """The configured models plus the embedded default (unless disabled or shadowed)."""
@@ -180,6 +181,15 @@ _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
         "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION",
         "audit_retention_days": "RBEE_AUDIT_RETENTION_DAYS",
         "policy": "RBEE_POLICY"}
+
+
+def _pins(table: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """``[pins]`` ``smollm2 = "12D3KooW…"`` or ``llama = "H100"``: a model runs only on that
+    peer, device id (``cuda:0``), backend or device name word."""
+    if not isinstance(table, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in table.items()):
+        raise ConfigError(f"{where}: must be model = \"peer id or device\" pairs")
+    return tuple(sorted(table.items()))
 
 
 def _budgets(table: Any, where: str) -> tuple[tuple[str, int], ...]:
@@ -256,6 +266,8 @@ def load_config(
                            for i, m in enumerate(value)]
             elif key == "memory_budget_mb":
                 values[key] = _budgets(value, f"{file} memory_budget_mb")
+            elif key == "pins":
+                values[key] = _pins(value, f"{file} pins")
             elif key in _SCALARS or key in _LISTS:
                 values[key] = _convert(key, value, str(file))
             else:
@@ -266,6 +278,9 @@ def load_config(
     for key, value in flags.items():
         if key == "models":
             models += list(value)
+        elif key == "pins":
+            if value:
+                values[key] = _pins(dict(v.partition("=")[::2] for v in value), "--pin")
         elif value is not None:
             values[key] = _convert(key, value, f"--{key.replace('_', '-')}")
     config = replace(NodeConfig(), **values, models=tuple(models))

@@ -78,7 +78,8 @@ class Node:
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
-        self.policy = PolicyRuntime(config.policy, timeout_ms=config.policy_timeout_ms)
+        self.policy = PolicyRuntime(config.policy, timeout_ms=config.policy_timeout_ms,
+                                    pins=dict(config.pins))
         self.dispatcher = Dispatcher(self.scheduler, local_id=self.peer_id or "local",
                                      jurisdiction=config.jurisdiction, audit=audit,
                                      router=self.policy.route,

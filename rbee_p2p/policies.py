@@ -21,14 +21,14 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 import trio
 
 from .errors import ConfigError
 from .policyworker import FrameReader, encode_frame
 from .routing import (BUILTINS, Decision, Policy, Ranked, Rejected, RequestFacts, Snapshot,
-                      decide, eligible)
+                      decide, eligible, pinned)
 from .routing.script import (CompiledPolicy, FragmentCache, PeerStore, ScriptError,
                              compile_policy, delta_input, label)
 
@@ -277,12 +277,18 @@ class PolicyRuntime:
     """
 
     def __init__(self, spec: str = FALLBACK, *, timeout_ms: float = DEFAULT_TIMEOUT_MS,
-                 memory_mb: int = 512, reload_s: float = 1.0,
+                 pins: Mapping[str, str] | None = None, memory_mb: int = 512,
+                 reload_s: float = 1.0,
                  restart_s: float = RESTART_INTERVAL_S,
                  evaluator: Callable[[], Evaluator] | None = None) -> None:
         target = parse_spec(spec)
         self.path = target if isinstance(target, Path) else None
         self.builtin: Policy | None = BUILTINS[target] if isinstance(target, str) else None
+        if pins:
+            if self.builtin is None:
+                raise ConfigError("pins work with a built-in policy; a Starlark policy pins "
+                                  "models itself")
+            self.builtin = pinned(dict(pins), self.builtin)
         self.name = target if isinstance(target, str) else label(target.name)
         self.timeout_ms, self.reload_s = timeout_ms, reload_s
         self.restart_s = self._restart_wait = restart_s

@@ -53,3 +53,31 @@ def test_status_shows_the_policy(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "policy   starlark:tiers.star (NOT loaded: fastest decides; 7 decisions, 2 by the " \
            "fallback)" in out and "last error: tiers.star:3:1: oops" in out
+
+
+def test_pins_from_toml_and_flags_make_the_builtin_pinned(tmp_path):
+    from rbee_p2p.config import load_config
+    from rbee_p2p.policies import PolicyRuntime
+    from rbee_p2p.routing import DeviceFacts, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot
+
+    config = tmp_path / "c.toml"
+    config.write_text('[pins]\nm = "H100"\n')
+    loaded = load_config(config, env={}, flags={"pins": ["x=cuda:1"]})
+    assert dict(loaded.pins) == {"x": "cuda:1"}  # flags win over the file
+    assert dict(load_config(config, env={}).pins) == {"m": "H100"}
+    runtime = PolicyRuntime("least_loaded", pins={"m": "H100"})
+    h100 = PeerFacts(id="h", models=(ModelFacts("m"),), queue_depth=5, devices=(
+        DeviceFacts("cuda:0", "cuda", "NVIDIA H100", 80 << 30, 1 << 30),))
+    idle = PeerFacts(id="idle", models=(ModelFacts("m"),))
+    decision = runtime.builtin(RequestFacts(model="m"), Snapshot(None, (h100, idle)))
+    assert decision == Ranked(("h",), "pinned")
+
+
+def test_pins_are_refused_with_a_script(tmp_path):
+    from rbee_p2p.errors import ConfigError
+    from rbee_p2p.policies import PolicyRuntime
+
+    script = tmp_path / "p.star"
+    script.write_text("def route(request, peers, local):\n    return []\n")
+    with pytest.raises(ConfigError, match="pins work with a built-in"):
+        PolicyRuntime(str(script), pins={"m": "H100"})
