@@ -24,13 +24,15 @@ from rbee_p2p.routing import reputation, sampling
 from rbee_p2p.routing.reputation import Standing
 
 __all__ = ["Place", "Router", "Standing", "peer_key", "pool", "pool_many", "pick",
-           "after_job", "after_failure", "trust", "effective_speed"]
+           "after_job", "after_failure", "after_refusal", "trust", "effective_speed", "failure_penalty_ms"]
 
 peer_key = sampling.peer_key
 after_job = reputation.after_job
 after_failure = reputation.after_failure
+after_refusal = reputation.after_refusal
 trust = reputation.trust
 effective_speed = reputation.effective_speed
+failure_penalty_ms = reputation.failure_penalty_ms
 
 
 @dataclass(slots=True)
@@ -43,7 +45,7 @@ class Place:
     queue_depth: int
     active_jobs: int
     max_queue: int
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # round trip, plus the expected time lost to failures there
     trust: float = 1.0
 
 
@@ -73,6 +75,15 @@ class Router:
         self.decisions += 1
         self.places += len(places)
         return out
+
+
+    def expected_ms(self, model: str, max_tokens: int, place: Place) -> float:
+        """The policy's own estimate of when a request would be done at ``place``."""
+        offer = Offer(peer_id=None if place.local else self.peer_ids[place.node],
+                      tokens_per_s=place.tokens_per_s, queue_depth=place.queue_depth,
+                      active_jobs=place.active_jobs, max_queue=place.max_queue,
+                      latency_ms=place.latency_ms)
+        return offer.expected_ms(RouteRequest(model=model, max_tokens=max_tokens))
 
 
 def pool(self_key: int, candidates: Sequence[tuple[int, int, float]], size: int) -> list[int]:

@@ -54,7 +54,8 @@ ALIVE, SUSPECT, DEAD = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD
 
 class Req:
     __slots__ = ("rid", "entry", "model", "round", "token", "ranked", "next", "probe_t",
-                 "replies", "claims", "target", "job_token", "arrived", "started", "sent")
+                 "replies", "claims", "places", "target", "job_token", "arrived", "started",
+                 "sent", "deadline")
 
     def __init__(self, rid: int, entry: int, model: int) -> None:
         self.rid, self.entry, self.model = rid, entry, model
@@ -65,6 +66,8 @@ class Req:
         self.probe_t = 0.0
         self.replies: list[tuple[int, CapabilityAdvert, float, float]] = []
         self.claims: dict[int, tuple[float, float]] = {}  # node -> (speed, wait ms) claimed
+        self.places: dict[int, Place] = {}
+        self.deadline = 0.0
         self.target = -1
         self.job_token = -1
         self.arrived = 0.0  # when the job reached its executor
@@ -95,6 +98,16 @@ class Requests:
     def start(self) -> None:
         if len(self.tr):
             self.loop.at(self.tr.time[0], self._arrive, 0)
+        self.loop.at(10.0, self._expire)
+
+    def _expire(self) -> None:
+        """Every 10 s: requests past their deadline fail ('deadline'), as the requester's
+        deadline on the node would end them (up to 10 s late here)."""
+        limit = self.loop.now - self.r.deadline_s
+        for req in [r for r in self.active.values() if self.tr.time[r.rid] <= limit]:
+            self._end(req, False, "deadline")
+        if not self.all_done() or self.loop.now < self.s.sc.duration_s:
+            self.loop.after(10.0, self._expire)
 
     def all_done(self) -> bool:
         return self.next_arrival >= len(self.tr) and not self.active
@@ -151,16 +164,19 @@ class Requests:
         req.claims = {p.node: (p.tokens_per_s, (p.queue_depth + p.active_jobs) *
                                tr.max_tokens[req.rid] / max(p.tokens_per_s, 1e-9) * 1000.0)
                       for p in places}
+        req.places = {p.node: p for p in places}
         self._try(req, 0)
 
-    def _speed(self, e: int, node: int, claimed: float) -> tuple[float, float]:
-        """(speed to plan with, trust) for a peer, after reputation."""
+    def _speed(self, e: int, node: int, claimed: float) -> tuple[float, float, float]:
+        """(speed to plan with, trust, expected ms lost to failures) for a peer, after what
+        this node's jobs there showed (reputation)."""
         if not self.r.reputation:
-            return claimed, 1.0
+            return claimed, 1.0, 0.0
         st = self.standing[e].get(node)
         if st is None:
-            return claimed, 1.0
-        return policy.effective_speed(st, claimed), policy.trust(st)
+            return claimed, 1.0, 0.0
+        return (policy.effective_speed(st, claimed), policy.trust(st),
+                policy.failure_penalty_ms(st, self.s.sc.malicious.drop_timeout_s * 1000.0))
 
     # -- the flood design ---------------------------------------------------------------
 
@@ -215,9 +231,9 @@ class Requests:
             advert = s.hist_a[p][i]
             if not advert.models:
                 continue
-            speed, trust = self._speed(e, p, advert.models[0].tokens_per_s)
+            speed, trust, penalty = self._speed(e, p, advert.models[0].tokens_per_s)
             places.append(Place(p, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, 0.0, trust))
+                                advert.max_queue, penalty, trust))
             ages += now - times[i]
         if self.m.in_window(now) and places:
             self.m.staleness.append(ages / len(places))
@@ -233,9 +249,9 @@ class Requests:
             for model in advert.models:
                 if model.name == name:
                     node = s.wire.index[entry.peer_id]
-                    speed, trust = self._speed(e, node, model.tokens_per_s)
+                    speed, trust, penalty = self._speed(e, node, model.tokens_per_s)
                     out.append(Place(node, False, speed, advert.queue_depth,
-                                     advert.active_jobs, advert.max_queue, 0.0, trust))
+                                     advert.active_jobs, advert.max_queue, penalty, trust))
         return out
 
     # -- the sample design --------------------------------------------------------------
@@ -309,28 +325,32 @@ class Requests:
         candidates = []
         for c in self._pool(e, req.model):
             if not self._excluded(e, c, now):
-                speed, trust = self._speed(e, c, s.claim_speed[c])
-                candidates.append((c, self.keys[c],
-                                   speed * trust if self.r.probe_by_speed else trust))
+                speed, trust, _ = self._speed(e, c, s.claim_speed[c])
+                weight = trust * trust  # distrust must bite even when half the pool is probed
+                candidates.append((c, self.keys[c], speed * weight if self.r.probe_by_speed
+                                   else weight))
         salt = policy.peer_key(req.rid.to_bytes(8, "big") + bytes([req.round & 255]))
         chosen = policy.pick(salt, candidates, self.r.probes)
         req.replies, req.probe_t = [], now
-        latest, missing = now, False
+        replies: list[float] = []
         for c in chosen:
             if not s.alive[c] or not net.reachable(e, c):
-                missing = True
                 self.loop.after(self.r.dead_after_s, self._probe_lost, e, c, now)
                 continue
             there = net.delay(e, c, PROBE_BYTES)
             back = net.delay(c, e, s.advert_size[c] + REPLY_OVERHEAD)
             self.loop.after(there, self._probe_read, req, req.token, c, now + there + back)
-            latest = max(latest, now + there + back)
+            replies.append(now + there + back)
             if self.m.in_window(now):
                 self.m.bytes["probes"] += PROBE_BYTES + s.advert_size[c] + REPLY_OVERHEAD
-        wait = self.r.probe_wait_s
-        decide = latest if not missing and latest - now <= wait else now + wait
-        if not chosen:
+        # decide once a quorum of the probed has answered, or at the probe deadline
+        needed = math.ceil(self.r.probe_quorum * len(chosen))
+        replies.sort()
+        decide = now + self.r.probe_wait_s
+        if needed == 0:
             decide = now
+        elif len(replies) >= needed:
+            decide = min(decide, replies[needed - 1])
         self.loop.at(decide, self._decide, req, req.token)
 
     def _probe_read(self, req: Req, token: int, c: int, reply_at: float) -> None:
@@ -359,9 +379,10 @@ class Requests:
             self._revive(e, c, advert, read_at)
             if not advert.models:
                 continue
-            speed, trust = self._speed(e, c, advert.models[0].tokens_per_s)
+            speed, trust, penalty = self._speed(e, c, advert.models[0].tokens_per_s)
             places.append(Place(c, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, (reply_at - req.probe_t) * 1000.0, trust))
+                                advert.max_queue, (reply_at - req.probe_t) * 1000.0 + penalty,
+                                trust))
             if self.m.in_window(now):
                 self.m.staleness.append(now - read_at)
         self._rank_and_try(req, places)
@@ -402,6 +423,10 @@ class Requests:
                     return
                 continue
             req.sent = self.loop.now
+            if self.r.admission == "deadline":
+                expected = self.router.expected_ms(self.model_names[req.model],
+                                                   tr.max_tokens[req.rid], req.places[target])
+                req.deadline = self.loop.now + expected / 1000.0 * (1 + self.r.deadline_slack)
             if not s.alive[target] or not self.net.reachable(e, target):
                 self.loop.after(self.r.connect_timeout_s, self._job_failed, req, req.token,
                                 "unreachable")
@@ -433,12 +458,30 @@ class Requests:
             self.loop.after(0.05 + back, self._garbage, req, token, node)
             return
         req.job_token, req.arrived = token, self.loop.now
+        if self.r.admission == "deadline" and kind is None and self._late(req, node):
+            self.m.counters["refused_deadline"] += 1
+            self.loop.after(self.net.owd(node, e), self._busy, req, token)
+            return
         if not s.accept(node, req.rid):
             self.loop.after(self.net.owd(node, e), self._busy, req, token)
 
+    def _late(self, req: Req, node: int) -> bool:
+        """The executor's side of deadline admission: its own estimate (the same policy
+        formula, on its true queue and measured speed) ends after the request's deadline."""
+        s = self.s
+        own = Place(node, True, s.speed[node], len(s.queue[node]),
+                    1 if s.running[node] >= 0 else 0, s.max_queue)
+        expected = self.router.expected_ms(self.model_names[req.model],
+                                           self.tr.max_tokens[req.rid], own)
+        return self.loop.now + expected / 1000.0 > req.deadline
+
     def _busy(self, req: Req, token: int) -> None:
-        if token == req.token:
-            self._try(req, req.next)
+        if token != req.token:
+            return
+        if self.r.reputation and req.target != req.entry:
+            st = self.standing[req.entry].get(req.target, Standing())
+            self.standing[req.entry][req.target] = policy.after_refusal(st)
+        self._try(req, req.next)
 
     def _job_failed(self, req: Req, token: int, reason: str) -> None:
         if token != req.token:

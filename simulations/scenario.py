@@ -48,11 +48,12 @@ class Workload:
 @dataclass(frozen=True)
 class Routing:
     mode: str = "sample"  # "sample" (pools + probes) or "flood" (today's node: load gossip)
-    probes: int = 4  # sample: candidates probed per request
+    probes: int = 32  # sample: candidates probed per request
     pool: int = 64  # sample: peers kept per model
     pool_by_speed: bool = True  # sample: pools drawn by advertised speed (else uniformly)
     probe_by_speed: bool = False  # sample: probes drawn by speed x trust (else by trust)
-    probe_wait_s: float = 0.3  # sample: decide with the answers in by then
+    probe_wait_s: float = 0.3  # sample: decide with the answers in by then at the latest
+    probe_quorum: float = 0.5  # sample: ... or as soon as this share of probes answered
     dead_after_s: float = 2.0  # a probe unanswered this long marks the peer suspect
     suspect_retry_s: float = 10.0  # a suspect peer may be probed again after this
     max_rounds: int = 3  # plan -> try the ranked places; again after a backoff
@@ -60,8 +61,13 @@ class Routing:
     connect_timeout_s: float = 3.0  # a job sent to a vanished peer fails after this
     crash_detect_s: float = 1.0  # a crashed executor's stream ends this long after
     stream_timeout_s: float = 5.0  # a result cut off by a partition is given up after
+    deadline_s: float = 600.0  # a request not done this long after arrival fails (forward.py)
     reputation: bool = True  # weigh peers by what jobs sent to them showed
-    max_queue: int = 16  # the node's admission limit (rbee-node default 16)
+    max_queue: int = 1  # the node's admission limit (rbee-node: 16; flood.toml uses that)
+    admission: str = "deadline"  # "queue": refuse when full; "deadline": also refuse a job
+    # the node would finish after the deadline the requester derived from the policy's
+    # estimate when it chose the node (x (1 + deadline_slack)): someone else got there first
+    deadline_slack: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class Malicious:
 class Sim:
     crypto: str = "auto"  # "real" (Ed25519 per advert), "fast" (sizes only), "auto"
     observers: int = 16  # nodes that run a real PeerTable (all nodes if nodes <= 64)
-    drain_s: float = 600.0  # after arrivals stop, how long unfinished requests may run
+    drain_s: float = 700.0  # after arrivals stop, how long unfinished requests may run
     check_views: bool = False  # observers also compute the compact view and compare
 
 
@@ -189,6 +195,8 @@ def _check(s: Scenario) -> None:
         problems.append("need 0 <= warmup_s < duration_s")
     if s.routing.mode not in ("sample", "flood"):
         problems.append("routing.mode is 'sample' or 'flood'")
+    if s.routing.admission not in ("queue", "deadline"):
+        problems.append("routing.admission is 'queue' or 'deadline'")
     if s.workload.arrivals not in ("poisson", "bursty"):
         problems.append("workload.arrivals is 'poisson' or 'bursty'")
     if len(s.workload.max_tokens) != len(s.workload.max_tokens_weights):

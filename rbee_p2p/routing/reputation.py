@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Standing", "after_job", "after_failure", "trust", "effective_speed"]
+__all__ = ["Standing", "after_job", "after_failure", "after_refusal", "trust",
+           "effective_speed", "failure_penalty_ms"]
 
 WEIGHT = 0.5
 """How much one observation moves an average."""
@@ -57,6 +58,18 @@ def after_failure(standing: Standing, *, weight: float = WEIGHT) -> Standing:
                    jobs=standing.jobs + 1)
 
 
+REFUSAL_PACE = 0.0
+"""How a refusal counts: as a job that made no progress at all."""
+
+
+def after_refusal(standing: Standing, *, weight: float = WEIGHT) -> Standing:
+    """The peer said it had room when probed, then refused the job ("busy").  Honest peers
+    do that now and then (another requester got there first); a peer that lies about its
+    queue does it every time, and sinks."""
+    pace = (1 - weight) * standing.pace + weight * REFUSAL_PACE
+    return replace(standing, pace=pace)
+
+
 def trust(standing: Standing) -> float:
     """A weight in [FLOOR, 1]: pace times the square of the success rate."""
     value = standing.pace * (1.0 - standing.failures) ** 2
@@ -64,6 +77,12 @@ def trust(standing: Standing) -> float:
 
 
 def effective_speed(standing: Standing, claimed_tokens_per_s: float) -> float:
-    """The speed to plan with: the claim times :func:`trust` -- discounted by how the peer
-    kept its word, and by the share of jobs sent there that were wasted."""
-    return claimed_tokens_per_s * trust(standing)
+    """The speed to plan with: the claim, discounted by how the peer kept its word."""
+    return claimed_tokens_per_s * min(1.0, max(FLOOR, standing.pace))
+
+
+def failure_penalty_ms(standing: Standing, timeout_ms: float) -> float:
+    """Expected time lost to a failed attempt there before trying elsewhere: with a failure
+    rate f, f / (1 - f) wasted timeouts per success.  Add it to the peer's expected time."""
+    f = min(standing.failures, 0.95)
+    return f / (1.0 - f) * timeout_ms

@@ -83,6 +83,8 @@ def test_failures_cost_trust_and_good_jobs_restore_it():
     for _ in range(20):
         s = rep.after_failure(s)
     assert rep.trust(s) == rep.FLOOR
+    assert rep.failure_penalty_ms(rep.Standing(), 10_000) == 0
+    assert rep.failure_penalty_ms(s, 10_000) == pytest.approx(0.95 / 0.05 * 10_000)
 
 
 @pytest.mark.parametrize("peers, expected", [(0, 30_000), (10, 30_000), (999, 2_000_000),
@@ -99,3 +101,14 @@ def test_membership_interval_and_liveness_refuse_nonsense():
     with pytest.raises(ValueError):
         liveness_limits_ms(0)
     assert liveness_limits_ms(1000) == (3000, 6000, 12000)
+
+
+def test_refusals_after_claiming_room_sink_a_liar_but_good_jobs_restore_an_honest_peer():
+    s = rep.Standing()
+    for _ in range(3):
+        s = rep.after_refusal(s)
+    assert rep.effective_speed(s, 300) < 50
+    for _ in range(5):
+        s = rep.after_job(s, claimed_tokens_per_s=100, measured_tokens_per_s=100,
+                          claimed_wait_ms=0, observed_wait_ms=0)
+    assert rep.trust(s) > 0.9
