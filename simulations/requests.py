@@ -332,15 +332,14 @@ class Requests:
         salt = policy.peer_key(req.rid.to_bytes(8, "big") + bytes([req.round & 255]))
         chosen = policy.pick(salt, candidates, self.r.probes)
         req.replies, req.probe_t = [], now
-        replies: list[float] = []
+        replies: list[tuple[float, float, int]] = []  # (answer back, probe there, peer)
         for c in chosen:
             if not s.alive[c] or not net.reachable(e, c):
                 self.loop.after(self.r.dead_after_s, self._probe_lost, e, c, now)
                 continue
             there = net.delay(e, c, PROBE_BYTES)
             back = net.delay(c, e, s.advert_size[c] + REPLY_OVERHEAD)
-            self.loop.after(there, self._probe_read, req, req.token, c, now + there + back)
-            replies.append(now + there + back)
+            replies.append((now + there + back, now + there, c))
             if self.m.in_window(now):
                 self.m.bytes["probes"] += PROBE_BYTES + s.advert_size[c] + REPLY_OVERHEAD
         # decide once a quorum of the probed has answered, or at the probe deadline
@@ -350,7 +349,11 @@ class Requests:
         if needed == 0:
             decide = now
         elif len(replies) >= needed:
-            decide = min(decide, replies[needed - 1])
+            decide = min(decide, replies[needed - 1][0])
+        for reply_at, there_at, c in replies:
+            if reply_at > decide:
+                break  # answers after the decision change nothing: not simulated
+            self.loop.at(there_at, self._probe_read, req, req.token, c, reply_at)
         self.loop.at(decide, self._decide, req, req.token)
 
     def _probe_read(self, req: Req, token: int, c: int, reply_at: float) -> None:

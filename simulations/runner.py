@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -29,7 +30,16 @@ def run(sc: Scenario) -> Run:
     world = build_world(sc)
     built = time.perf_counter()
     swarm = Swarm(sc, world)
-    metrics = swarm.run()
+    # millions of long-lived objects: full collections would rescan them all the time
+    gc.collect()
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(200_000, 50, 1000)
+    try:
+        metrics = swarm.run()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
     swarm.finish_presence()
     simulated = time.perf_counter()
     central, _, central_busy = central_schedule(world, swarm.net, sc.warmup_s, sc.duration_s)

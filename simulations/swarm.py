@@ -101,6 +101,7 @@ class Swarm:
         self._window_msgs: deque[int] = deque([0] * sc.gossip.history_gossip)
         # observers: real PeerTables
         self.tables: dict[int, PeerTable] = {}
+        self.tick_s = TICK_S
         self.verifiers: dict[int, Verifier] = {}
         self.requests = Requests(self)
 
@@ -121,7 +122,7 @@ class Swarm:
             self.loop.at(p.end_s, self._partition, None)
         self.loop.at(sc.gossip.heartbeat_s, self._heartbeat)
         if self.tables:
-            self.loop.at(TICK_S, self._tick_tables)
+            self.loop.at(self.tick_s, self._tick_tables)
         self.loop.at(sc.warmup_s, self._sample_convergence)
         self.requests.start()
         limit = sc.duration_s + sc.sim.drain_s
@@ -137,7 +138,10 @@ class Swarm:
         chosen = sorted(self.rng.sample(honest, count))
         suspect, dead, forget = 3_000, 8_000, 60_000  # mesh/service.py defaults
         if not self.flood_mode:
+            # ageing every 0.25 s is pointless (and costs 40k checks/s at 10k peers) when
+            # limits are hours: age at 1/12 of the suspect limit
             suspect, dead, forget = liveness_limits_ms(self._interval_ms())
+            self.tick_s = max(TICK_S, suspect / 12_000)
         for node in chosen:
             self.tables[node] = PeerTable(self_id=self.wire.peer_ids[node], swarm=SWARM,
                                           suspect_after_ms=suspect, dead_after_ms=dead,
@@ -407,7 +411,7 @@ class Swarm:
         for obs, table in self.tables.items():
             if self.alive[obs]:
                 table.tick(now_ms)
-        self.loop.after(TICK_S, self._tick_tables)
+        self.loop.after(self.tick_s, self._tick_tables)
 
     # -- heartbeat, convergence -----------------------------------------------------------
 

@@ -48,6 +48,7 @@ class Wire:
         self._static: list[tuple[tuple[str, ...], tuple[DeviceInfo, ...]] | None] = \
             [None] * len(machines)
         self._sizes: list[int] = [0] * len(machines)
+        self._models: dict[tuple[int, float], tuple[ModelInfo, ...]] = {}
         self._nonce = 0
         self.sealed = 0
         self.verified_count = 0
@@ -71,10 +72,13 @@ class Wire:
         addrs, devices = self._parts(node)
         models: tuple[ModelInfo, ...] = ()
         if serving:
-            spec = MODELS[self.machines[node].model]
-            models = (ModelInfo(name=spec.name, digest=_digest(spec.name), modality="text",
-                                context=8192, tokens_per_s=round(tokens_per_s, 1),
-                                size_bytes=int(spec.size_gb * 1e9)),)
+            models = self._models.get((node, tokens_per_s), ())
+            if not models:
+                spec = MODELS[self.machines[node].model]
+                models = (ModelInfo(name=spec.name, digest=_digest(spec.name), modality="text",
+                                    context=8192, tokens_per_s=round(tokens_per_s, 1),
+                                    size_bytes=int(spec.size_gb * 1e9)),)
+                self._models[(node, tokens_per_s)] = models
         return CapabilityAdvert(
             swarm=SWARM, seq=seq, version=__version__, addrs=addrs, models=models,
             devices=devices, queue_depth=queue_depth, active_jobs=active_jobs,

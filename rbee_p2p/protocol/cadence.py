@@ -22,7 +22,7 @@ __all__ = ["membership_interval_ms", "liveness_limits_ms", "BUDGET_PER_S", "FLOO
 BUDGET_PER_S = 0.5
 """Membership adverts per second for the whole swarm (reminders; changes come on top)."""
 FLOOR_MS = 30_000
-CEILING_MS = 3_600_000
+CEILING_MS = 86_400_000
 
 
 def membership_interval_ms(known_peers: int, *, budget_per_s: float = BUDGET_PER_S,
