@@ -104,21 +104,32 @@ def _utilisation(ax: Any, results: dict[str, Any]) -> None:
 
 
 def _traffic(ax: Any, results: dict[str, Any]) -> None:
+    """Received bytes per node per second, averaged over 5 s (floods come in lumps)."""
     s = results["series"]
     nodes = results["scenario"]["nodes"]
-    per_node = [(x or 0.0) / nodes / 1000 for x in s["gossip_bytes"]]
-    ax.plot(s["t"], per_node, color="tab:purple", label="gossip KB/s per node")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("gossip KB/s per node (received)")
+    t = s["t"]
+
+    def smooth(values: list[Any]) -> list[float]:
+        raw = [(x or 0.0) / nodes / 1000 for x in values]
+        return [sum(raw[max(0, i - 4): i + 1]) / len(raw[max(0, i - 4): i + 1])
+                for i in range(len(raw))]
+
+    ax.plot(t, smooth(s["gossip_bytes"]), color="tab:purple", label="gossip (adverts, IHAVE)")
+    if any(s.get("probe_bytes") or []):
+        ax.plot(t, smooth(s["probe_bytes"]), color="tab:olive", label="probes")
     ax.axhline(10, color="red", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("KB/s per node (5 s mean)")
+    if max(smooth(s["gossip_bytes"]) + [0.0]) > 100:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="upper left")
     if results["malicious"]["nodes"]:
         twin = ax.twinx()
         share = [x if x is not None else float("nan") for x in s["malicious_share"]]
-        twin.plot(s["t"], share, color="tab:red", alpha=0.6, label="malicious share")
-        twin.set_ylabel("share of jobs sent to malicious peers")
+        twin.plot(t, share, color="tab:red", alpha=0.5, linewidth=0.8)
+        twin.set_ylabel("share of jobs sent to malicious (red)")
         twin.set_ylim(0, 1)
     g = results["gossip"]
-    ax.set_title(f"gossip in {g['bytes_per_node_per_s_in']} B/s per node "
-                 "(dotted: 10 KB/s goal)", fontsize=9)
-    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title(f"traffic: gossip {g['bytes_per_node_per_s_in']} B/s per node "
+                 "(dotted: 10 KB/s)", fontsize=9)
     _shade(ax, results)

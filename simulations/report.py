@@ -130,7 +130,8 @@ def _series(sc: Scenario, world: World, m: Metrics, central: np.ndarray) -> dict
         failed.append(int((sel & ~ok).sum()))
     series.update(arrivals=arrivals, mean_completion_s=mean_d, central_mean_completion_s=mean_c,
                   malicious_share=share, failed=failed)
-    series["gossip_bytes"] = [_r(m.bins["gossip_bytes"].get(b, 0.0), 1) for b in range(horizon)]
+    for name in ("gossip_bytes", "probe_bytes"):
+        series[name] = [_r(m.bins[name].get(b, 0.0), 1) for b in range(horizon)]
     return series
 
 

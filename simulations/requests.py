@@ -340,8 +340,10 @@ class Requests:
             there = net.delay(e, c, PROBE_BYTES)
             back = net.delay(c, e, s.advert_size[c] + REPLY_OVERHEAD)
             replies.append((now + there + back, now + there, c))
+            size = PROBE_BYTES + s.advert_size[c] + REPLY_OVERHEAD
+            self.m.add_bin("probe_bytes", now, size)
             if self.m.in_window(now):
-                self.m.bytes["probes"] += PROBE_BYTES + s.advert_size[c] + REPLY_OVERHEAD
+                self.m.bytes["probes"] += size
         # decide once a quorum of the probed has answered, or at the probe deadline
         needed = math.ceil(self.r.probe_quorum * len(chosen))
         replies.sort()

@@ -63,7 +63,7 @@ class Routing:
     stream_timeout_s: float = 5.0  # a result cut off by a partition is given up after
     deadline_s: float = 600.0  # a request not done this long after arrival fails (forward.py)
     reputation: bool = True  # weigh peers by what jobs sent to them showed
-    max_queue: int = 1  # the node's admission limit (rbee-node: 16; flood.toml uses that)
+    max_queue: int = 2  # the node's admission limit (rbee-node: 16; flood.toml uses that)
     admission: str = "deadline"  # "queue": refuse when full; "deadline": also refuse a job
     # the node would finish after the deadline the requester derived from the policy's
     # estimate when it chose the node (x (1 + deadline_slack)): someone else got there first

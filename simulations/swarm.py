@@ -318,10 +318,9 @@ class Swarm:
         self.pub_count[node] += 1
         flood, p99 = self._cached_flood(node)
         advert = self.advert_now(node, serving)
-        if self.m.in_window(now):
-            self._account(flood, self.advert_size[node], "adverts")
-            if changed:
-                self.m.convergence["load"].append(now - self.change_t[node] + p99)
+        self._account(flood, self.advert_size[node], "adverts")
+        if changed and self.m.in_window(now):
+            self.m.convergence["load"].append(now - self.change_t[node] + p99)
         self._window_msgs[-1] += 1
         self.hist_t[node].append(now)
         self.hist_a[node].append(advert)
@@ -344,8 +343,7 @@ class Swarm:
     def _spread(self, node: int, category: str, serving: bool = True) -> Flood:
         """Sample design: flood one membership advert (fresh flood each time)."""
         flood = self.mesh.flood(node, self.advert_size[node], self.np_rng)
-        if self.m.in_window(self.loop.now):
-            self._account(flood, self.advert_size[node], category)
+        self._account(flood, self.advert_size[node], category)
         self._window_msgs[-1] += 1
         self._deliver_to_tables(node, flood, self.advert_now(node, serving))
         return flood
@@ -362,12 +360,15 @@ class Swarm:
         self.loop.after(self._interval_ms() / 1000.0, self._remind, node, epoch)
 
     def _account(self, flood: Flood, data_len: int, category: str) -> None:
+        """Bytes of one flood: into the time series always, into the totals (per node and
+        by category) inside the measurement window."""
         size = frame_bytes(data_len)
-        self.m.gossip_in += flood.received * size
-        self.m.gossip_out += flood.sent * size
         total = float(flood.received.sum()) * size
-        self.m.bytes[category] += total
         self.m.add_bin("gossip_bytes", self.loop.now, total)
+        if self.m.in_window(self.loop.now):
+            self.m.gossip_in += flood.received * size
+            self.m.gossip_out += flood.sent * size
+            self.m.bytes[category] += total
 
     def _count_bytes(self, category: str, node: int, size: int) -> None:
         if self.m.in_window(self.loop.now):
@@ -424,13 +425,14 @@ class Swarm:
         self._window_msgs.append(0)
         self._window_msgs.popleft()
         per_node = self.mesh.ihave_bytes(window)
-        if per_node and self.m.in_window(now):
+        if per_node:
             present = self.mesh.present
-            self.m.gossip_in[present] += per_node
-            self.m.gossip_out[present] += per_node
             total = per_node * float(present.sum())
-            self.m.bytes["ihave"] += total
             self.m.add_bin("gossip_bytes", now, total)
+            if self.m.in_window(now):
+                self.m.gossip_in[present] += per_node
+                self.m.gossip_out[present] += per_node
+                self.m.bytes["ihave"] += total
         if self.mesh.control_bytes and self.m.in_window(now):
             self.m.bytes["graft_prune"] += self.mesh.control_bytes
         self.mesh.control_bytes = 0
