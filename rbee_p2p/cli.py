@@ -10,7 +10,7 @@ from typing import Sequence
 
 from . import __version__
 from .config import DEFAULT_PORT, data_dir, key_path
-from .errors import RbeeError
+from .errors import ConfigError, RbeeError
 
 __all__ = ["main", "build_parser"]
 
@@ -47,7 +47,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "mdns": False if args.no_mdns else None, "dht": False if args.no_dht else None,
              "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction,
              "fake_models": args.fake_model or None,
-             "mdns_interfaces": args.mdns_interface or None}
+             "allow_open": True if args.allow_open else None,
+             "mdns_interfaces": args.mdns_interface or None, "policy": args.policy,
+             "pins": args.pin}
     config = load_config(args.config, flags=flags)
     try:
         trio.run(run_node, config)
@@ -107,6 +109,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for addr in status.get("addrs", []):
         print(f"p2p      {addr}")
     print(f"peers    {len(status.get('peers', []))} (rbee-node peers for the list)")
+    policy = status.get("policy")
+    if policy:
+        extra = "" if "file" not in policy else (
+            f" ({'loaded' if policy['loaded'] else 'NOT loaded: fastest decides'}; "
+            f"{policy['decisions']} decisions, {policy['fallbacks']} by the fallback)")
+        print(f"policy   {policy['policy']}{extra}")
+        if policy.get("last_error"):
+            print(f"         last error: {policy['last_error']['message']}")
     print("models")
     for m in status["models"]:
         aliases = f" (also {', '.join(m['aliases'])})" if m.get("aliases") else ""
@@ -119,6 +129,150 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for line in status_lines(status):  # devices, images, models that did not fit
         print(line)
     return 0
+
+
+def _json_arg(text: str, what: str) -> Any:
+    """Inline JSON, or @FILE holding it.  Raises ConfigError."""
+    import json
+
+    try:
+        if text.startswith("@"):
+            text = Path(text[1:]).expanduser().read_text()
+        return json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--{what}: not JSON (or @FILE holding JSON): {exc}") from None
+
+
+def _dry_run_input(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(RequestFacts, Snapshot) from the --request, --peers and --local arguments."""
+    from .routing import PeerFacts, RequestFacts, Snapshot
+
+    try:
+        request = RequestFacts.from_dict(_json_arg(args.request, "request"))
+        items = _json_arg(args.peers, "peers")
+        if not isinstance(items, list):
+            raise ValueError("--peers must be a JSON list of peers")
+        peers = [PeerFacts.from_dict(p) for p in items]
+        local = None
+        if args.local is not None:
+            local = PeerFacts.from_dict({**_json_arg(args.local, "local"), "local": True})
+        elif any(p.local for p in peers):
+            local = next(p for p in peers if p.local)
+        peers = [p for p in peers if not p.local]
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"bad dry-run input: {exc}") from None
+    return request, Snapshot(local, tuple(peers))
+
+
+def _cmd_policy_test(args: argparse.Namespace) -> int:
+    """Exit status: 0 ranked, 1 rejected, 2 the policy failed (or bad input)."""
+    import json
+    import logging
+
+    import trio
+
+    from .policies import PolicyRuntime, START_S
+    from .routing import Ranked
+    from .routing.script import ScriptError
+
+    try:
+        request, snapshot = _dry_run_input(args)
+        runtime = PolicyRuntime(str(args.file), timeout_ms=args.timeout_ms)
+    except ConfigError as exc:
+        print(f"rbee-node: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def dry_run() -> Any:
+        with trio.fail_after(START_S + 3 * args.timeout_ms / 1000 + 2):
+            async with runtime.opened():
+                return await runtime.decide(request, snapshot)
+
+    report: dict[str, Any] = {"policy": runtime.name}
+    logger = logging.getLogger("rbee_p2p.policies")
+    quiet, logger.disabled = logger.disabled, True  # the report says it all
+    try:
+        outcome = trio.run(dry_run)
+    except ScriptError as exc:
+        report.update(decision="error", error=exc.as_dict())
+        outcome = None
+    except (ConfigError, trio.TooSlowError) as exc:
+        report.update(decision="error", error={"kind": "load", "message": str(exc) or
+                                               "the dry run did not finish in time"})
+        outcome = None
+    finally:
+        logger.disabled = quiet
+    if outcome is not None:
+        d = outcome.decision
+        if outcome.error is not None:
+            report.update(decision="error", error=outcome.error.as_dict())
+        elif isinstance(d, Ranked):
+            report.update(decision="ranked", candidates=list(d.candidates))
+        else:
+            report.update(decision="rejected", kind=d.kind, reason=d.reason)
+        if outcome.raw is not None and isinstance(outcome.raw, Ranked):
+            final = set(d.candidates) if isinstance(d, Ranked) else set()
+            report["left_out"] = [i for i in outcome.raw.candidates if i not in final]
+        report["ms"] = round(outcome.ms, 3)
+        if outcome.fallback:
+            fb = outcome.decision
+            report["fallback"] = ({"policy": fb.policy, "candidates": list(fb.candidates)}
+                                  if isinstance(fb, Ranked) else
+                                  {"policy": fb.policy, "rejected": fb.reason})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_dry_run(report)
+    return {"ranked": 0, "rejected": 1}.get(report["decision"], 2)
+
+
+def _print_dry_run(r: dict[str, Any]) -> None:
+    if r["decision"] == "ranked":
+        print(f"ranked by {r['policy']} in {r['ms']:.1f} ms:")
+        for i, pid in enumerate(r["candidates"], 1):
+            print(f"  {i}. {pid}")
+    elif r["decision"] == "rejected":
+        print(f"rejected ({r['kind']}) by {r['policy']}: {r['reason']}")
+    else:
+        e = r["error"]
+        where = ":".join(str(x) for x in (e.get("file"), e.get("line"), e.get("column"))
+                         if x) if e.get("file") and e.get("line") else e.get("file", "")
+        print(f"error ({e['kind']}) in {where or r['policy']}: {e['message']}")
+        if e.get("detail"):
+            print("  " + e["detail"].rstrip().replace("\n", "\n  "))
+    if r.get("left_out"):
+        print(f"left out (not eligible: model, room or the tenant's residency): "
+              f"{', '.join(r['left_out'])}")
+    fb = r.get("fallback")
+    if fb is not None:
+        what = ", ".join(fb["candidates"]) if "candidates" in fb else f"rejected: {fb['rejected']}"
+        print(f"the node would route this request by {fb['policy']} instead: {what}")
+
+
+def _add_policy_commands(sub: Any) -> None:
+    p_policy = sub.add_parser("policy", help="routing policies: dry-run one (policy test)")
+    p_policy.set_defaults(func=lambda args: (p_policy.print_help(), 2)[1])
+    actions = p_policy.add_subparsers(dest="action", metavar="ACTION")
+    p_test = actions.add_parser(
+        "test", help="dry-run a policy on given facts and print its decision",
+        description="Run a routing policy (a Starlark file, or a built-in's name) on a "
+                    "request and peers given as JSON (the keys a policy sees; see "
+                    "node/policies/README.md), as the node would: eligibility and "
+                    "residency apply around it.  Prints the ranking, the rejection, or the "
+                    "error with its line.  Exit status: 0 ranked, 1 rejected, 2 error.")
+    p_test.add_argument("file", metavar="FILE", help="the policy: a .star file or a built-in")
+    p_test.add_argument("--request", required=True, metavar="JSON",
+                        help='e.g. \'{"model": "llama-8b", "tenant": {"id": "acme", '
+                             '"tier": "enterprise"}}\' (or @FILE)')
+    p_test.add_argument("--peers", required=True, metavar="JSON",
+                        help='a list of peers, e.g. \'[{"id": "a", "models": ["llama-8b"], '
+                             '"queue_depth": 2}]\' (or @FILE)')
+    p_test.add_argument("--local", metavar="JSON",
+                        help="this node, the same way (default: the peer with \"local\": true)")
+    p_test.add_argument("--timeout-ms", type=int, default=50, metavar="MS",
+                        help="the decision's deadline, as the node's policy_timeout_ms "
+                             "(default 50)")
+    p_test.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p_test.set_defaults(func=_cmd_policy_test)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "to the file's stem")
     p_start.add_argument("--no-default-model", action="store_true",
                          help="do not serve the embedded SmolLM2-135M model")
+    p_start.add_argument("--allow-open", action="store_true",
+                         help="serve without API keys on a non-loopback --host (default: "
+                              "refused until a tenant exists; see `rbee-node tenants`)")
     mesh = p_start.add_argument_group("mesh")
     mesh.add_argument("--p2p-listen", action="append", default=[], metavar="MULTIADDR",
                       help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/7834)")
@@ -157,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="announce and listen for mDNS only on this interface (repeatable)")
     mesh.add_argument("--no-dht", action="store_true", help="no Kademlia DHT discovery")
     mesh.add_argument("--no-p2p", action="store_true", help="no mesh at all: a lone node")
+    p_start.add_argument("--policy", metavar="NAME|FILE",
+                         help="routing policy: a built-in (fastest, least_loaded, "
+                              "lowest_latency, cheapest, local_only) or a Starlark file; "
+                              "default fastest")
+    p_start.add_argument("--pin", action="append", default=[], metavar="MODEL=PEER|DEVICE",
+                         help="run MODEL only on that peer id, device (cuda:0) or device name "
+                              "(H100); with a built-in policy (repeatable)")
     p_start.add_argument("--fake-model", action="append", default=[],
                          metavar="NAME:TOKENS_PER_S",
                          help="(testing) also serve a scripted model at a fixed token rate")
@@ -177,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .engines.hub import add_commands
 
     add_commands(sub)  # pull, devices
+    from .audit_cli import add_commands as add_audit_commands
+
+    add_audit_commands(sub)  # audit verify, export, erase, prune
+    from .tenants_cli import add_commands as add_tenant_commands
+
+    add_tenant_commands(sub)  # tenants add, list, remove, rotate-key
+    _add_policy_commands(sub)
     return parser
 
 

@@ -87,6 +87,7 @@ class NodeConfig:
     memory_headroom: float = 0.1  # share of each device's memory kept free of models
     memory_budget_mb: tuple[tuple[str, int], ...] = ()  # per-device budgets, overriding
     home: Path = field(default_factory=data_dir)
+    allow_open: bool = False  # serve without API keys on an address other than loopback
     # -- the mesh --
     p2p: bool = True  # run the libp2p host (false: a single, unconnected node)
     p2p_listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7834",)
@@ -103,6 +104,11 @@ class NodeConfig:
     suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
     dead_after: float = 8.0  # ... and dead (dropped from routing)
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
+    audit_retention_days: float | None = None  # prune older audit records; None: keep all
+    # -- routing --
+    policy: str = "fastest"  # a built-in's name or a Starlark policy file (.star)
+    policy_timeout_ms: int = 50  # a Starlark decision's deadline (then the built-in decides)
+    pins: tuple[tuple[str, str], ...] = ()  # model -> peer id or device, with a built-in policy
 
     def served_models(self) -> tuple[ModelSpec, ...]:
         """The configured models plus the embedded default (unless disabled or shadowed)."""
@@ -161,16 +167,29 @@ def _model_from_table(item: Any, where: str) -> ModelSpec:
 
 
 _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
+            "allow_open": bool,
             "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int,
             "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
             "dead_after": float,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
-            "memory_headroom": float}
+            "memory_headroom": float, "audit_retention_days": float,
+            "policy": str, "policy_timeout_ms": int}
 _LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces", "fake_models"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
         "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS",
-        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION"}
+        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION",
+        "audit_retention_days": "RBEE_AUDIT_RETENTION_DAYS",
+        "policy": "RBEE_POLICY"}
+
+
+def _pins(table: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """``[pins]`` ``smollm2 = "12D3KooW…"`` or ``llama = "H100"``: a model runs only on that
+    peer, device id (``cuda:0``), backend or device name word."""
+    if not isinstance(table, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in table.items()):
+        raise ConfigError(f"{where}: must be model = \"peer id or device\" pairs")
+    return tuple(sorted(table.items()))
 
 
 def _budgets(table: Any, where: str) -> tuple[tuple[str, int], ...]:
@@ -211,6 +230,14 @@ def _convert(key: str, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
 
 
+def _check_policy(config: NodeConfig) -> None:
+    from .policies import parse_spec
+
+    parse_spec(config.policy)  # raises ConfigError
+    if not 1 <= config.policy_timeout_ms <= 10_000:
+        raise ConfigError("policy_timeout_ms must be between 1 and 10000")
+
+
 def load_config(
     file: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -239,6 +266,8 @@ def load_config(
                            for i, m in enumerate(value)]
             elif key == "memory_budget_mb":
                 values[key] = _budgets(value, f"{file} memory_budget_mb")
+            elif key == "pins":
+                values[key] = _pins(value, f"{file} pins")
             elif key in _SCALARS or key in _LISTS:
                 values[key] = _convert(key, value, str(file))
             else:
@@ -249,6 +278,9 @@ def load_config(
     for key, value in flags.items():
         if key == "models":
             models += list(value)
+        elif key == "pins":
+            if value:
+                values[key] = _pins(dict(v.partition("=")[::2] for v in value), "--pin")
         elif value is not None:
             values[key] = _convert(key, value, f"--{key.replace('_', '-')}")
     config = replace(NodeConfig(), **values, models=tuple(models))
@@ -258,10 +290,13 @@ def load_config(
             or config.image_url_ttl < 1 or config.image_store_mb < 1:
         raise ConfigError("need 0 <= memory_headroom < 1, max_images >= 1, "
                           "image_url_ttl >= 1 and image_store_mb >= 1")
+    if config.audit_retention_days is not None and not 0 < config.audit_retention_days < 1e6:
+        raise ConfigError("audit_retention_days must be a positive number of days")
     if not 0 < config.suspect_after < config.dead_after:
         raise ConfigError("need 0 < suspect_after < dead_after")
     if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:
         raise ConfigError("jurisdiction is at most 8 bytes (e.g. EU), swarm at most 128")
+    _check_policy(config)
     if len({m.name for m in config.served_models()}) != len(config.served_models()):
         raise ConfigError("two models have the same name; name them with NAME=PATH")
     return config

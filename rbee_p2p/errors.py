@@ -8,7 +8,9 @@
   ``RequestError``: a client's request cannot be served; each subclass has one HTTP status
     ``InvalidRequest`` (400), ``ModelNotFound`` (404), ``PayloadTooLarge`` (413),
     ``Busy`` (503, with ``retry_after``), ``ModelUnavailable`` (503, no retry: configured
-    but not loaded), ``EngineFailure`` (500)
+    but not loaded), ``EngineFailure`` (500), ``Unauthorized`` (401: missing or invalid API
+    key), ``Forbidden`` (403: model not allowed for the tenant, residency impossible, the
+    routing policy refused), ``QuotaExceeded`` (429, with ``retry_after``)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ __all__ = [
     "Busy",
     "ModelUnavailable",
     "EngineFailure",
+    "Unauthorized",
+    "Forbidden",
+    "QuotaExceeded",
 ]
 
 
@@ -80,3 +85,20 @@ class ModelUnavailable(RequestError):
 
 class EngineFailure(RequestError):
     """The engine failed while serving; the node keeps serving other requests."""
+
+
+class Unauthorized(RequestError):
+    """No API key, or one this node does not know."""
+
+
+class Forbidden(RequestError):
+    """The tenant may not do this: a model it is not allowed, a residency no live node can
+    meet, or the routing policy's refusal."""
+
+
+class QuotaExceeded(RequestError):
+    """A tenant's rate limit or quota is used up; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

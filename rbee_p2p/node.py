@@ -14,6 +14,7 @@ import trio
 
 from . import __version__
 from .api.app import create_app
+from .api.auth import Gate
 from .api.images import ImageService, image_limits
 from .api.schemas import Limits
 from .api.serving import Serving
@@ -25,6 +26,7 @@ from .engines.scheduler import Scheduler
 from .errors import ConfigError
 from .mesh.forward import Executor
 from .mesh.service import LocalInfo, Mesh, MeshConfig
+from .policies import PolicyRuntime
 from .protocol.envelope import Verifier
 from .protocol.identity import NodeKey
 from .protocol.messages import DeviceInfo
@@ -76,10 +78,17 @@ class Node:
         self.scheduler = Scheduler(engines, max_queue=config.max_queue)
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
-        self.dispatcher = Dispatcher(self.scheduler)
-        self.serving = Serving(self.dispatcher)
+        self.policy = PolicyRuntime(config.policy, timeout_ms=config.policy_timeout_ms,
+                                    pins=dict(config.pins))
+        self.dispatcher = Dispatcher(self.scheduler, local_id=self.peer_id or "local",
+                                     jurisdiction=config.jurisdiction, audit=audit,
+                                     router=self.policy.route,
+                                     peer=key.peer_id if key is not None else None)
+        self.gate = Gate(config.home)
+        self.serving = Serving(self.dispatcher, self.gate)
         self.images = ImageService(self.scheduler, self.capacity, image_limits(config),
                                    self.dispatcher.requests_served)
+        self.images.jurisdiction = config.jurisdiction
         self.mesh: Mesh | None = None
         self._devices: tuple[DeviceInfo, ...] | None = None
         self.started = time.time()
@@ -105,9 +114,10 @@ class Node:
             "peer_id": self.peer_id, "version": __version__,
             "url": f"http://{self.config.host}:{self.config.port}/v1",
             "uptime_s": round(time.time() - self.started, 1), "models": models,
-            "addrs": [], "peers": []}
+            "addrs": [], "peers": [], "policy": self.policy.status()}
         status.update(self.capacity.status())  # devices, unavailable models, images
         status["images"].update(self.images.status())
+        status["tenancy"] = self.gate.status()
         if self.mesh is not None:
             status.update(self.mesh.status())
         return status
@@ -183,14 +193,26 @@ async def _serve_http(node: Node, shutdown: trio.Event,
         raise
 
 
+def check_exposure(config: NodeConfig) -> None:
+    """Refuse to serve without API keys anywhere but loopback, unless allowed."""
+    host = config.host
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    if not loopback and Gate(config.home).open and not config.allow_open:
+        raise ConfigError(
+            f"--host {host} would serve anyone on the network without an API key: add a "
+            "tenant first (`rbee-node tenants add NAME`), or pass --allow-open "
+            "(allow_open = true) to serve openly on purpose")
+
+
 async def run_node(config: NodeConfig, *, handle_signals: bool = True,
                    on_ready: Callable[[Node], None] | None = None,
                    shutdown: trio.Event | None = None) -> None:
     """Run a node until SIGINT/SIGTERM (or ``shutdown`` is set); in-flight requests then get
     hypercorn's graceful timeout (10 s) to finish before they are cancelled."""
+    check_exposure(config)
     key = load_or_create_key(key_path(config.home))
     audit_log = AuditLog(audit_path(config.home), key)
-    writer = AuditWriter(audit_log)
+    writer = AuditWriter(audit_log, retention_days=config.audit_retention_days)
     engines: list[TextEngine] = []
     capacity: Capacity | None = None
     shutdown = shutdown or trio.Event()
@@ -202,6 +224,7 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
             node = Node(config, engines, key=key, audit=writer, capacity=capacity)
             if handle_signals:
                 await services.start(_in_scope, helpers, _wait_for_signal, shutdown)
+            await services.start(_in_scope, helpers, node.policy.run)
             if config.p2p:
                 await services.start(_in_scope, helpers, node.build_mesh().run)
             async with trio.open_nursery() as http:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_p2p.protocol import cbor
-from rbee_p2p.protocol.audit import ChainHead, append_record
+from rbee_p2p.protocol.audit import ChainHead, append_record, cover_records, record_hash, tombstone
 from rbee_p2p.protocol.envelope import DOMAIN, seal
 from rbee_p2p.protocol.identity import NodeKey
 from rbee_p2p.protocol.messages import (
@@ -137,16 +137,31 @@ def envelope_cases(key: NodeKey, other: NodeKey) -> list[dict[str, Any]]:
 
 
 def audit_vectors(key: NodeKey) -> dict[str, Any]:
-    head, records = ChainHead(), []
+    head, raws = ChainHead(), []
     for i in range(4):
         raw, head = append_record(key, head, now_ms=NOW + i, kind="execute", outcome="ok",
                                   request_id=RID, tokens_out=i, nonce=nonce(200 + i))
-        records.append(raw.hex())
+        raws.append(raw)
+    records = [r.hex() for r in raws]
     edited = bytearray(bytes.fromhex(records[1]))
     edited[-70] ^= 1
+
+    def stone(seq: int, hash_: bytes | None = None) -> str:
+        return tombstone(seq, record_hash(raws[seq]) if hash_ is None else hash_).hex()
+
+    def covered(kind: str, seqs: list[int], n: int, **fields: Any) -> tuple[str, dict[str, Any]]:
+        (raw,), new = cover_records(key, head, [(s, record_hash(raws[s])) for s in seqs],
+                                    now_ms=NOW + 10, kind=kind, nonce=nonce(n), **fields)
+        return raw.hex(), {"seq": new.seq, "hash": new.hash.hex()}
+
+    redaction, redacted_head = covered("redaction", [1, 2], 300, tenant_ref=DIGEST)
+    prune, pruned_head = covered("prune", [0], 301)
+    live_cover, live_head = covered("redaction", [2], 302)
     return {
-        "description": "An audit chain of 4 records by the test key, and damaged copies. "
-                       "'expected' is 'valid' or the first bad index and its cause.",
+        "description": "An audit chain of 4 records by the test key, damaged copies, and "
+                       "copies with tombstones (redaction/prune). 'expected' is 'valid' or "
+                       "the first bad index and its cause; a case's own 'head', if any, "
+                       "replaces the chain's.",
         "records": records,
         "head": {"seq": head.seq, "hash": head.hash.hex()},
         "cases": [
@@ -159,6 +174,20 @@ def audit_vectors(key: NodeKey) -> dict[str, Any]:
              "expected": {"index": 1, "cause": "sequence"}},
             {"name": "truncated", "records": records[:3],
              "expected": {"index": 3, "cause": "truncated"}},
+            {"name": "redacted", "head": redacted_head, "expected": "valid",
+             "records": [records[0], stone(1), stone(2), records[3], redaction]},
+            {"name": "pruned", "head": pruned_head, "expected": "valid",
+             "records": [stone(0), *records[1:], prune]},
+            {"name": "tombstone_unvouched", "records": [records[0], stone(1), *records[2:]],
+             "expected": {"index": 1, "cause": "unvouched"}},
+            {"name": "tombstone_hash_edited", "head": redacted_head,
+             "records": [records[0], stone(1, bytes(32)), stone(2), records[3], redaction],
+             "expected": {"index": 4, "cause": "cover"}},
+            {"name": "tombstone_before_a_live_record_edited", "head": redacted_head,
+             "records": [records[0], stone(1), stone(2, bytes(32)), records[3], redaction],
+             "expected": {"index": 3, "cause": "link"}},
+            {"name": "cover_of_a_live_record", "head": live_head,
+             "records": [*records, live_cover], "expected": {"index": 4, "cause": "cover"}},
         ],
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 from quart import Response, request
@@ -12,12 +13,16 @@ from werkzeug.exceptions import HTTPException
 from ..errors import (
     Busy,
     EngineFailure,
+    Forbidden,
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
     PayloadTooLarge,
+    QuotaExceeded,
     RequestError,
+    Unauthorized,
 )
+from ..tenants import Tenant
 from .schemas import Limits, parse_chat, parse_completion, parse_embeddings, parse_json
 from .serving import Serving, error_body
 
@@ -33,6 +38,9 @@ ERROR_STATUS: dict[type[RequestError], tuple[int, str, str | None]] = {
     Busy: (503, "server_error", "overloaded"),
     ModelUnavailable: (503, "server_error", "model_unavailable"),
     EngineFailure: (500, "server_error", "engine_failure"),
+    Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    Forbidden: (403, "permission_error", "forbidden"),
+    QuotaExceeded: (429, "requests", "rate_limit_exceeded"),
 }
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error"}
@@ -60,13 +68,21 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
                                   f"{max_body_bytes} bytes")
         return parse_json(await request.get_data(cache=False))
 
+    gate = serving.gate
+
+    def tenant() -> Tenant | None:
+        return gate.authenticate(request.headers.get("Authorization"))
+
     async def text_route(kind: str) -> Response:
+        who = tenant()
         parse = parse_chat if kind == "chat" else parse_completion
         call = parse(await body(), limits)
-        if not call.stream:
-            return _json(await serving.complete(call, kind))  # type: ignore[arg-type]
-        job = await serving.start(call, kind)  # type: ignore[arg-type]
-        events = serving.stream(call, kind, job)  # type: ignore[arg-type]
+        async with serving.admission(who, call.model) as admitted:
+            if not call.stream:
+                return _json(await serving.complete(call, kind, admitted))  # type: ignore[arg-type]
+            job = await serving.start(call, kind, admitted)  # type: ignore[arg-type]
+            admitted.streaming = True
+        events = serving.stream(call, kind, job, admitted)  # type: ignore[arg-type]
         response = Response(events, mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.timeout = None
@@ -82,8 +98,11 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
+        who = tenant()
         raw = await body()
-        return _json(await serving.embeddings(parse_embeddings(raw, limits), raw))
+        call = parse_embeddings(raw, limits)
+        async with serving.admission(who, call.model) as admitted:
+            return _json(await serving.embeddings(call, raw, admitted))
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -111,7 +130,9 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         code, type_, err_code = next(
             (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
             (400, "invalid_request_error", None))
-        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, Busy) else None
+        headers = None
+        if isinstance(exc, (Busy, QuotaExceeded)):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         if code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc)
         return _json(error_body(str(exc), type_, param=exc.param, code=err_code), code, headers)
@@ -130,5 +151,5 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
 
     if images is not None:
-        images.register(app, body)
+        images.register(app, body, tenant, serving.admission)
     return app

@@ -35,7 +35,9 @@ import trio
 from quart import Response, request
 
 from ..engines.diffusion import MAX_STEPS, QUALITIES, ImageEngine, ImageRequest
-from ..errors import InvalidRequest, ModelNotFound, ModelUnavailable
+from ..dispatch import Stamp
+from ..errors import Forbidden, InvalidRequest, ModelNotFound, ModelUnavailable
+from ..routing import satisfies
 from .schemas import int_param
 from .serving import error_body
 
@@ -214,6 +216,7 @@ class ImageService:
             else requests_served
         self.failures: dict[str, int] = {}
         self.remote: Any = None  # the mesh, if any: serves_image / image_models / images
+        self.jurisdiction = ""  # this node's claim, for tenants' residency
 
     def image_engines(self) -> list[ImageEngine]:
         return [e for e in self.scheduler.engines if isinstance(e, ImageEngine)]
@@ -260,18 +263,25 @@ class ImageService:
                  job.width, job.height, job.steps, time.perf_counter() - started)
         return list(result.images), f"{job.width}x{job.height}"
 
-    async def generate(self, call: ImageCall, base_url: str,
-                       body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Here if this node serves the model, else on a peer that does (``remote``)."""
+    async def generate(self, call: ImageCall, base_url: str, body: dict[str, Any] | None = None,
+                       stamp: Stamp = Stamp()) -> dict[str, Any]:
+        """Here if this node serves the model (and meets the tenant's residency), else on a
+        peer that does (``remote``)."""
+        engine: ImageEngine | None = None
         try:
             engine = self.lookup(call.model)
         except (ModelNotFound, ModelUnavailable):
-            model = call.model or (self.remote.image_models() or [None])[0] \
-                if self.remote is not None else None
-            if self.remote is None or model is None or not self.remote.serves_image(model):
+            if self.remote is None or not self.remote.serves_image(
+                    call.model or (self.remote.image_models() or [""])[0]):
                 raise
+        if engine is not None and not satisfies(self.jurisdiction, stamp.residency):
+            if self.remote is None:
+                raise Forbidden(f"no node in {stamp.residency} serves image model {call.model}")
+            engine = None  # a peer in the tenant's jurisdiction may
+        if engine is None:
+            model = call.model or self.remote.image_models()[0]
             pngs = await self.remote.images(model, {**(body or {}), "model": model},
-                                            call.request.n)
+                                            call.request.n, stamp)
             size = _png_size(pngs[0]) if pngs else "0x0"
         else:
             pngs, size = await self._run_local(engine, call)
@@ -303,15 +313,19 @@ class ImageService:
                 "images_generated": dict(self.images_generated),
                 "failures": dict(self.failures), "url_store": len(self.store)}
 
-    def register(self, app: Any, get_body: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    def register(self, app: Any, get_body: Callable[[], Awaitable[dict[str, Any]]],
+                 tenant: Callable[[], Any], admission: Callable[[Any, str], Any]) -> None:
         """Add the routes to a quart app.  ``get_body`` reads and parses the request body
-        (the app's own helper, with its size limit)."""
+        (the app's own helper, with its size limit); ``tenant`` authenticates the caller and
+        ``admission(tenant, model)`` admits the request (Serving.admission)."""
 
         @app.post("/v1/images/generations")
         async def images_generations() -> Response:
+            who = tenant()
             body = await get_body()
             call = parse_images(body, self.limits)
-            result = await self.generate(call, request.host_url, body)
+            async with admission(who, call.model or "") as admitted:
+                result = await self.generate(call, request.host_url, body, admitted.stamp)
             return Response(json.dumps(result), mimetype="application/json")
 
         @app.get("/v1/images/files/<name>")

@@ -13,12 +13,15 @@ import logging
 import struct
 import time
 import uuid
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, AsyncIterator
 
 from ..dispatch import Dispatcher, Job, Kind
 from ..engines.base import Completion
-from ..errors import RequestError
+from ..errors import Forbidden, RequestError
+from ..routing import satisfies
+from ..tenants import Tenant
+from .auth import Gate, Pass
 from .schemas import ChatCall, EmbeddingsCall
 
 __all__ = ["Serving", "error_body"]
@@ -43,20 +46,60 @@ def _usage(c: Completion) -> dict[str, int]:
 class Serving:
     """Starts validated calls through the dispatcher and shapes OpenAI responses."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, gate: Gate | None = None) -> None:
         self.dispatcher = dispatcher
         self.scheduler = dispatcher.scheduler
+        self.gate = gate or Gate(None)
 
-    async def start(self, call: ChatCall, kind: Kind) -> Job:
+    async def start(self, call: ChatCall, kind: Kind, admitted: Pass) -> Job:
         """Every error that must be an HTTP status is raised here, before a stream starts."""
-        return await self.dispatcher.start(call, kind)
+        return await self.dispatcher.start(call, kind, admitted.stamp)
 
-    async def complete(self, call: ChatCall, kind: Kind) -> dict[str, Any]:
-        job = await self.start(call, kind)
+    @asynccontextmanager
+    async def admission(self, tenant: Tenant | None, model: str) -> AsyncIterator[Pass]:
+        """Admit one request of ``tenant`` for ``model`` (quotas, allowed models).  A
+        refusal — here or, for residency and policy, by the dispatcher — is counted and
+        audited, then raised."""
+        try:
+            admitted = self.gate.admit(tenant, model)
+        except Forbidden as exc:
+            await self._refused(tenant, model, exc)
+            raise
+        try:
+            yield admitted
+        except Forbidden as exc:
+            self.gate.refused(tenant, 403)
+            await self._refused(tenant, model, exc, admitted.stamp.tenant_ref)
+            raise
+        finally:
+            if not admitted.streaming:
+                self.gate.finish(admitted, 0)  # no-op when the request counted its tokens
+
+    async def _refused(self, tenant: Tenant | None, model: str, exc: Exception,
+                       ref: bytes | None = None) -> None:
+        log.info("refused (%s): %s", tenant.name if tenant else "-", exc)
+        audit, d = self.dispatcher.audit, self.dispatcher
+        if audit is not None:
+            if ref is None and tenant is not None:
+                ref = self.gate.ref(tenant)
+            await audit.record("entry", "rejected", tenant_ref=ref, model=model[:128],
+                               entry_peer=d.peer, error_code="forbidden")
+
+    def _finish(self, admitted: Pass, call: ChatCall, job: Job, text: str) -> None:
+        c = job.completion
+        self.gate.finish(admitted, c.prompt_tokens + c.completion_tokens)
+        self.gate.log_content(admitted, job.request_id,
+                              call.request.messages or call.request.prompt, text)
+
+    async def complete(self, call: ChatCall, kind: Kind, admitted: Pass) -> dict[str, Any]:
+        job = await self.start(call, kind, admitted)
         parts: list[str] = []
-        async with aclosing(job.batches()) as batches:
-            async for batch in batches:
-                parts.extend(batch)
+        try:
+            async with aclosing(job.batches()) as batches:
+                async for batch in batches:
+                    parts.extend(batch)
+        finally:
+            self._finish(admitted, call, job, "".join(parts))
         completion = job.completion
         text = "".join(parts)
         head = {"created": int(time.time()), "model": call.model}
@@ -72,7 +115,8 @@ class Serving:
                              "finish_reason": completion.finish_reason}],
                 "usage": _usage(completion), "system_fingerprint": None}
 
-    async def stream(self, call: ChatCall, kind: Kind, job: Job) -> AsyncIterator[bytes]:
+    async def stream(self, call: ChatCall, kind: Kind, job: Job,
+                     admitted: Pass) -> AsyncIterator[bytes]:
         """SSE events.  Errors after the first byte arrive as an error event before
         ``[DONE]``.  Closing the iterator (client gone) stops generation within a token."""
         head: dict[str, Any] = {"created": int(time.time()), "model": call.model,
@@ -98,31 +142,44 @@ class Serving:
                           "finish_reason": finish}
             return _sse({**head, "choices": [choice]})
 
+        parts: list[str] = []
         try:
             if kind == "chat":
                 yield chunk("", None, role=True)
             async with aclosing(job.batches()) as batches:
                 async for batch in batches:
-                    yield chunk("".join(batch), None)
+                    text = "".join(batch)
+                    parts.append(text)
+                    yield chunk(text, None)
             yield chunk(None if kind == "chat" else "", job.completion.finish_reason)
             if call.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(job.completion)})
         except RequestError as exc:
             log.warning("stream failed: %s", exc)
             yield _sse(error_body(str(exc), "server_error", code=type(exc).__name__))
+        finally:
+            self._finish(admitted, call, job, "".join(parts))
         yield b"data: [DONE]\n\n"
 
-    async def embeddings(self, call: EmbeddingsCall, body: dict[str, Any]) -> dict[str, Any]:
-        """Here if this node serves the model, else on the best peer that does."""
+    async def embeddings(self, call: EmbeddingsCall, body: dict[str, Any],
+                         admitted: Pass) -> dict[str, Any]:
+        """Here if this node serves the model (and meets the tenant's residency), else on
+        the best peer that does."""
         remote = self.dispatcher.remote
-        if self.scheduler.find(call.model) is None and remote is not None and \
-                remote.serves(call.model):
-            vectors, prompt_tokens = await remote.embeddings(call.model, body, len(call.inputs))
+        residency = admitted.stamp.residency
+        here = self.scheduler.find(call.model) is not None and \
+            satisfies(self.dispatcher.jurisdiction, residency)
+        if not here and remote is not None and remote.serves(call.model):
+            vectors, prompt_tokens = await remote.embeddings(
+                call.model, body, len(call.inputs), admitted.stamp)
         else:
             engine = self.scheduler.lookup(call.model)
+            if not satisfies(self.dispatcher.jurisdiction, residency):
+                raise Forbidden(f"no node in {residency} serves model {call.model}")
             async with self.scheduler.admit(engine):
                 result = await engine.embed(call.inputs)
             vectors, prompt_tokens = result.vectors, result.prompt_tokens
+        self.gate.finish(admitted, prompt_tokens)
         data = []
         for i, vector in enumerate(vectors):
             value: Any = vector

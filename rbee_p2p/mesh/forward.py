@@ -22,12 +22,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Protocol
 import trio
 
 from ..api.schemas import ChatCall, Limits, parse_chat, parse_completion, parse_embeddings
-from ..dispatch import Kind, PeerUnavailable
+from ..dispatch import Kind, PeerUnavailable, Stamp
 from ..engines.base import Completion, TextEngine
 from ..engines.scheduler import Scheduler
 from ..errors import (
     Busy,
     EngineFailure,
+    Forbidden,
     InvalidRequest,
     ModelNotFound,
     RequestError,
@@ -45,6 +46,7 @@ from ..protocol.messages import (
 )
 from ..protocol.receipts import OutputDigest, digest, verify_receipt
 from ..protocol.session import InferenceSession
+from ..routing import satisfies
 from ..store.writer import AuditWriter
 from .frames import ByteStream, FrameStream, StreamGone
 
@@ -73,6 +75,7 @@ ERROR_CODES: dict[type[RequestError], str] = {
     InvalidRequest: "bad_request",
     ModelNotFound: "model_not_found",
     Busy: "busy",
+    Forbidden: "forbidden",
     EngineFailure: "internal",
 }
 
@@ -83,8 +86,11 @@ def _error_for(message: ErrorMessage, peer: str) -> RequestError:
         return InvalidRequest(text)
     if message.code == "busy":
         return Busy(text, retry_after=(message.retry_after_ms or 1000) / 1000)
-    if message.code in ("model_not_found", "protocol", "deadline", "cancelled"):
-        return PeerUnavailable(text)  # its advert was stale, or it could not take the job
+    if message.code in ("model_not_found", "protocol", "deadline", "cancelled", "forbidden",
+                        "unauthorized"):
+        # its advert was stale, it could not take the job, or its own acceptance policy
+        # (residency, tenants) refused it: another peer may
+        return PeerUnavailable(text)
     return EngineFailure(text)
 
 
@@ -214,6 +220,12 @@ class Executor:
             await self._refuse(frames, "deadline", "the request's deadline has passed",
                                request.request_id)
             return
+        if not satisfies(self.jurisdiction, request.residency):
+            await self._refuse(frames, "forbidden", f"this node is in "
+                               f"{self.jurisdiction or 'no declared jurisdiction'}, the request "
+                               f"must stay in {request.residency}", request.request_id)
+            await self._audit("execute", "rejected", request, remote, error_code="forbidden")
+            return
         try:
             if request.kind == "image":
                 work = self._image_work(request)
@@ -323,6 +335,9 @@ class Executor:
             nursery.start_soon(reply.heartbeat)
             with scope:
                 try:
+                    # accepted: an empty chunk at once, so the requester can start its answer
+                    # (HTTP headers) while the model works on the first token
+                    await reply.chunk("", 0)
                     await work.run(reply)
                 except RequestError as exc:
                     failure = exc
@@ -349,7 +364,7 @@ class Executor:
                     await self._audit("execute", "cancelled" if cancelled else "ok", request,
                                       remote, tokens_in=completion.prompt_tokens,
                                       tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
-                                      total_ms=total_ms, receipt_sig=receipt_raw[-64:])
+                                      total_ms=total_ms, receipt=receipt_raw)
                     await reply.send(lambda seq: ResultEnd(
                         request_id=request.request_id, seq=seq,
                         finish_reason=completion.finish_reason or "stop", receipt=receipt_raw))
@@ -404,8 +419,12 @@ class RemoteJob:
     def __init__(self, peer: bytes, frames: FrameStream, session: InferenceSession,
                  request_raw: bytes, verifier: Verifier, timing: Timing,
                  audit: AuditWriter | None, key: NodeKey, request: InferenceRequest,
-                 on_failure: Callable[[bytes], None] | None = None) -> None:
+                 on_failure: Callable[[bytes], None] | None = None,
+                 stamp: Stamp = Stamp()) -> None:
         self.where = peer
+        self.stamp = stamp
+        self.receipt_sig: bytes | None = None
+        self.receipt_raw: bytes | None = None
         self.on_failure = on_failure
         self.frames = frames
         self.session = session
@@ -428,7 +447,8 @@ class RemoteJob:
                     key: NodeKey, verifier: Verifier, timing: Timing = Timing(),
                     max_frame: int = 1 << 20, audit: AuditWriter | None = None,
                     connect_timeout_s: float = 3.0,
-                    on_failure: Callable[[bytes], None] | None = None) -> RemoteJob:
+                    on_failure: Callable[[bytes], None] | None = None,
+                    stamp: Stamp = Stamp()) -> RemoteJob:
         """Open the stream, send the request, wait for the first token (or the end).
 
         Raises :class:`PeerUnavailable` for anything that says "try another peer", or the
@@ -450,15 +470,16 @@ class RemoteJob:
             request = InferenceRequest(
                 request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
                 params=params, stream=stream_, max_tokens=max_tokens,
-                deadline_ms=now_ms() + int(timing.deadline_s * 1000))
+                deadline_ms=now_ms() + int(timing.deadline_s * 1000),
+                tenant_ref=stamp.tenant_ref, residency=stamp.residency)
             raw = seal(key, request, now_ms=now_ms())
             session = InferenceSession(request.request_id, key.peer_id, peer)
             session.observe(key.peer_id, request)
             job = cls(peer, frames, session, raw, verifier, timing, audit, key, request,
-                      on_failure)
+                      on_failure, stamp)
             try:
                 await frames.send(raw)
-                job._first = await job._next_batch()
+                job._first = await job._next_batch(accept=True)
                 return job
             except StreamGone as exc:
                 await frames.reset()
@@ -470,9 +491,14 @@ class RemoteJob:
                 raise
         raise AssertionError("unreachable")
 
-    async def _next_batch(self) -> list[str] | None:
-        """The next non-empty batch of text, or None at the end.  Raises StreamGone,
-        PeerUnavailable (silence) or the peer's error."""
+    @property
+    def request_id(self) -> bytes:
+        return self.request.request_id
+
+    async def _next_batch(self, accept: bool = False) -> list[str] | None:
+        """The next non-empty batch of text, or None at the end; with ``accept``, also []
+        for the executor's empty "accepted" chunk.  Raises StreamGone, PeerUnavailable
+        (silence) or the peer's error."""
         while True:
             with trio.move_on_after(self.timing.frame_timeout_s) as scope:
                 raw = await self.frames.receive()
@@ -491,6 +517,8 @@ class RemoteJob:
                     self.data.append((message.text, message.data))
                 if message.text:
                     return [message.text]
+                if accept:
+                    return []
                 continue  # heartbeat, or tokens without text
             if isinstance(message, ResultEnd):
                 self._finish(message)
@@ -506,25 +534,35 @@ class RemoteJob:
                                      tokens_out=self.session.tokens_out)
         except ProtocolError as exc:
             raise EngineFailure(f"the peer's receipt does not verify: {exc}") from None
+        if not satisfies(receipt.jurisdiction, self.stamp.residency):
+            raise EngineFailure(f"the peer's receipt says it ran in {receipt.jurisdiction!r}, "
+                                f"outside the required {self.stamp.residency}")
         self.receipt = receipt
         self.receipt_sig = end.receipt[-64:]
+        self.receipt_raw = end.receipt
         self.completion.prompt_tokens = receipt.tokens_in
         self.completion.completion_tokens = receipt.tokens_out
         self.completion.finish_reason = end.finish_reason
 
     async def batches(self) -> AsyncIterator[list[str]]:
         outcome = "error"
+        produced = False
         try:
             if self._first is not None:
-                yield self._first
+                if self._first:
+                    produced = True
+                    yield self._first
                 while (batch := await self._next_batch()) is not None:
+                    produced = True
                     yield batch
             outcome = "ok"
         except (StreamGone, PeerUnavailable) as exc:
+            name = peer_id_to_str(self.where)[:16]
             if self.on_failure is not None:
                 self.on_failure(self.where)  # the peer is suspect from now on
-            raise EngineFailure(f"peer {peer_id_to_str(self.where)[:16]}… failed mid-stream: "
-                                f"{exc}") from None
+            if not produced:  # nothing reached the client yet: another peer may take over
+                raise PeerUnavailable(f"{name}… failed before the first token: {exc}") from None
+            raise EngineFailure(f"peer {name}… failed mid-stream: {exc}") from None
         finally:
             if outcome != "ok" and not self.session.finished:
                 outcome = "cancelled"
@@ -546,11 +584,12 @@ class RemoteJob:
         r = self.receipt
         with trio.CancelScope(shield=True):
             await self.audit.record(
-                "forward", outcome, request_id=self.request.request_id, model=self.request.model,
+                "entry", outcome, request_id=self.request.request_id, model=self.request.model,
+                tenant_ref=self.stamp.tenant_ref,
                 entry_peer=self.key.peer_id, exec_peer=self.where,
                 model_digest=r.model_digest if r else None,
                 jurisdiction=(r.jurisdiction or None) if r else None,
                 tokens_in=r.tokens_in if r else None, tokens_out=r.tokens_out if r else None,
                 ttft_ms=r.ttft_ms if r else None,
                 total_ms=int((time.perf_counter() - self._started) * 1000),
-                receipt_sig=self.receipt_sig if r else None)
+                receipt=self.receipt_raw if r else None)

@@ -18,13 +18,15 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from .. import __version__
 from ..api.schemas import ChatCall
-from ..dispatch import Kind, PeerUnavailable
+from ..dispatch import Kind, PeerUnavailable, Stamp
 from ..protocol.envelope import Verifier, seal
 from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
-from ..routing import Offer, RouteRequest, fastest_expected_completion
+from ..errors import Forbidden
+from ..routing import (DeviceFacts, ModelFacts, PeerFacts, Policy, Rejected, RequestFacts,
+                       Snapshot, decide, fastest, least_loaded)
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
 from .frames import end_quietly
@@ -98,6 +100,9 @@ class Mesh:
         self._warm: dict[bytes, tuple[Any, float]] = {}  # peer -> (open stream, opened at)
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self._dial_locks: dict[bytes, trio.Lock] = {}
+        # what routing sees of each peer, rebuilt only when its advert or state changes
+        self._facts: dict[bytes, tuple[tuple[int, PeerState], PeerFacts]] = {}
+        self._ids: dict[str, bytes] = {}
         self._change = trio.Event()
 
     # -- running ------------------------------------------------------------------------
@@ -311,59 +316,71 @@ class Mesh:
 
     # -- dispatch.Remote ----------------------------------------------------------------
 
-    def offers(self, model: str) -> list[Offer]:
-        out = []
-        for entry in self.table.alive():
-            advert = entry.advert
-            for m in advert.models:
-                if m.name == model and m.modality == "text":
-                    out.append(Offer(peer_id=entry.peer_id, tokens_per_s=m.tokens_per_s,
-                                     queue_depth=advert.queue_depth,
-                                     active_jobs=advert.active_jobs, max_queue=advert.max_queue))
-        return out
+    def peers(self) -> tuple[PeerFacts, ...]:
+        """Facts of the live peers for routing: alive ones, then suspect ones."""
+        alive, suspect = [], []
+        for entry in self.table.peers.values():
+            if entry.state is PeerState.DEAD:
+                continue
+            version = (entry.advert.seq, entry.state)
+            cached = self._facts.get(entry.peer_id)
+            if cached is None or cached[0] != version:
+                cached = (version, _facts(entry.peer_id, entry.advert, entry.state.value))
+                self._facts[entry.peer_id] = cached
+                self._ids[cached[1].id] = entry.peer_id
+            (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
+        return (*alive, *suspect)
 
-    def _image_peers(self, model: str) -> list[bytes]:
-        """Live peers serving image model ``model``, least loaded first."""
-        entries = [e for e in self.table.alive() if any(
-            m.name == model and m.modality == "image" for m in e.advert.models)]
-        entries.sort(key=lambda e: (e.advert.queue_depth + e.advert.active_jobs,
-                                    e.advert.queue_depth >= e.advert.max_queue))
-        return [e.peer_id for e in entries]
+    def peer_bytes(self, peer_id: str) -> bytes:
+        return self._ids.get(peer_id) or ID.from_base58(peer_id).to_bytes()
+
+    def _ranked(self, model: str, modality: str, stamp: Stamp, policy: Policy) -> list[bytes]:
+        """Live peers for a data request (images, embeddings), best first, within the
+        tenant's residency.  Raises Forbidden when residency rules every peer out."""
+        decision = decide(policy, RequestFacts(model=model, modality=modality, max_tokens=1,
+                                               tenant=stamp.tenant),
+                          Snapshot(None, self.peers()))
+        if isinstance(decision, Rejected):
+            if decision.kind == "forbidden":
+                raise Forbidden(decision.reason)
+            return []
+        return [self.peer_bytes(p) for p in decision.candidates]
 
     def image_models(self) -> list[str]:
         return sorted({m.name for e in self.table.alive() for m in e.advert.models
                        if m.modality == "image"})
 
     def serves_image(self, model: str) -> bool:
-        return bool(self._image_peers(model))
+        return any(e.serves(model, "image") for e in self.peers())
 
-    async def images(self, model: str, body: dict[str, Any], n: int) -> list[bytes]:
-        """Run an image request on the best peer serving ``model`` (the next one if it
-        cannot be reached).  Raises RequestError."""
-        pngs, _ = await self._fetch(self._image_peers(model), Order(model, body, n), "image")
+    async def images(self, model: str, body: dict[str, Any], n: int,
+                     stamp: Stamp = Stamp()) -> list[bytes]:
+        """Run an image request on the least loaded peer serving ``model`` (the next one if
+        it cannot be reached).  Raises RequestError."""
+        peers = self._ranked(model, "image", stamp, least_loaded)
+        pngs, _ = await self._fetch(peers, Order(model, body, n), "image", stamp)
         return pngs
 
-    async def embeddings(self, model: str, body: dict[str, Any],
-                         n: int) -> tuple[list[list[float]], int]:
+    async def embeddings(self, model: str, body: dict[str, Any], n: int,
+                         stamp: Stamp = Stamp()) -> tuple[list[list[float]], int]:
         """Embeddings from the best peer serving text model ``model``: (vectors, prompt
         tokens).  Raises RequestError."""
-        peers = [o.peer_id for o in fastest_expected_completion(
-            RouteRequest(model=model, max_tokens=1), self.offers(model)) if o.peer_id]
-        arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding")
+        peers = self._ranked(model, "text", stamp, fastest)
+        arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding", stamp)
         vectors = [list(struct.unpack(f"<{len(a) // 4}f", a)) for a in arrays]
         return vectors, receipt.tokens_in if receipt else 0
 
-    async def _fetch(self, peers: list[bytes], order: Order,
-                     kind: Literal["image", "embedding"]) -> tuple[list[bytes], Any]:
+    async def _fetch(self, peers: list[bytes], order: Order, kind: Literal["image", "embedding"],
+                     stamp: Stamp) -> tuple[list[bytes], Any]:
         failure: Exception | None = None
         for peer in peers:
             try:
                 return await fetch_items(
                     peer, self._open_stream, order, kind, key=self.key,
                     verifier=self.verifier, timing=self.config.timing, audit=self.audit,
-                    on_failure=self.report_failure)
+                    on_failure=self._suspect, stamp=stamp)
             except PeerUnavailable as exc:
-                self.report_failure(peer)
+                self._suspect(peer)
                 failure = exc
         raise failure or PeerUnavailable(f"no reachable peer serves {order.model}")
 
@@ -371,7 +388,10 @@ class Mesh:
         return any(m.name == model for e in self.table.peers.values()
                    if e.state is not PeerState.DEAD for m in e.advert.models)
 
-    def report_failure(self, peer_id: bytes) -> None:
+    def report_failure(self, peer_id: str) -> None:
+        self._suspect(self.peer_bytes(peer_id))
+
+    def _suspect(self, peer_id: bytes) -> None:
         self.table.report_failure(peer_id, now_ms())
         log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
 
@@ -423,10 +443,12 @@ class Mesh:
         if not lock.locked() and peer not in self.table.peers:
             self._dial_locks.pop(peer, None)
 
-    async def start(self, peer_id: bytes, call: ChatCall, kind: Kind) -> RemoteJob:
+    async def start(self, peer: str, call: ChatCall, kind: Kind,
+                    stamp: Stamp = Stamp()) -> RemoteJob:
+        peer_id = self.peer_bytes(peer)
         job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
                                     verifier=self.verifier, timing=self.config.timing,
-                                    audit=self.audit, on_failure=self.report_failure)
+                                    audit=self.audit, on_failure=self._suspect, stamp=stamp)
         # the peer answered: open the next job's stream now, over the live connection
         # (never while dialling a peer that may be gone: concurrent dials to one peer stall)
         try:
@@ -452,6 +474,18 @@ class Mesh:
             "adverts": dict(self.table.counters),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
+
+
+def _facts(peer_id: bytes, advert: CapabilityAdvert, state: str) -> PeerFacts:
+    return PeerFacts(
+        id=peer_id_to_str(peer_id),
+        models=tuple(ModelFacts(m.name, m.modality, m.tokens_per_s, m.device)
+                     for m in advert.models),
+        devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
+                      for d in advert.devices),
+        queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
+        max_queue=advert.max_queue, jurisdiction=advert.jurisdiction,
+        price=advert.price.output_per_mtok, state=state)
 
 
 def _local_ipv4() -> list[str]:

@@ -99,7 +99,9 @@ class ChainBroken(ProtocolError):
     """An audit chain failed verification; ``index`` is the first bad record (0-based).
 
     ``cause`` is one of "unreadable", "invalid", "forged", "foreign", "sequence", "link",
-    "truncated".
+    "truncated", "unvouched" (a tombstone no redaction/prune record covers), "cover" (a
+    redaction/prune record covers something other than a tombstone awaiting a cover, or
+    its covers_digest does not match).
     """
 
     reason = "chain_broken"

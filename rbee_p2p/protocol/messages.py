@@ -230,6 +230,7 @@ class AuditRecord(Message):
     receipt_sig: Annotated[bytes, Len(64)] | None = None
     error_code: Annotated[str, OneOf(*ERROR_CODES)] | None = None
     covers: Annotated[tuple[U64, ...], MaxItems(4096)] | None = None  # seqs redacted/pruned
+    covers_digest: Digest | None = None  # sha256 over the covered records' hashes, in order
 
 
 @message_type(8)

@@ -98,9 +98,9 @@ def running(home: Path, *args: str, **kwargs) -> Iterator[NodeProcess]:
         proc.kill()
 
 
-def sdk(node: NodeProcess):
+def sdk(node: NodeProcess, api_key: str = "unused"):
     """The official openai client for ``node`` (no retries: failures must show)."""
     import openai
 
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0,
+    return openai.OpenAI(base_url=node.url + "/v1", api_key=api_key, max_retries=0,
                          timeout=60)

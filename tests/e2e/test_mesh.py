@@ -81,7 +81,7 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     e = client.embeddings.create(model="smollm2", input=["hello world", "bees"])
     assert [len(d.embedding) for d in e.data] == [576, 576] and e.usage.prompt_tokens > 0
 
-    forwarded = audit_records(a, "forward", 3)
+    forwarded = audit_records(a, "entry", 3)
     executed = audit_records(c, "execute", 3)
     assert len(forwarded) == 3 and len(executed) == 3
     assert all(f.outcome == "ok" and f.receipt_sig for f in forwarded)  # receipts verified

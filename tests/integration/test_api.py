@@ -187,10 +187,11 @@ async def test_closing_a_stream_ends_the_job_and_frees_the_model(tmp_path, autoj
     from rbee_p2p.api.schemas import parse_chat
 
     call = parse_chat({**CHAT, "max_tokens": 100, "stream": True}, node.limits)
-    job = await node.serving.start(call, "chat")
+    admitted = node.gate.admit(None, "fake")
+    job = await node.serving.start(call, "chat", admitted)
     received = 0
     with trio.CancelScope() as scope:
-        async for _ in node.serving.stream(call, "chat", job):
+        async for _ in node.serving.stream(call, "chat", job, admitted):
             received += 1
             if received == 4:  # role chunk + 3 token chunks
                 scope.cancel()

@@ -8,31 +8,36 @@ from rbee_p2p.engines.base import Completion
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
 from rbee_p2p.errors import Busy, InvalidRequest, ModelNotFound
-from rbee_p2p.routing import Offer
+from rbee_p2p.routing import ModelFacts, PeerFacts
 
 
 class FakeJob:
-    def __init__(self, peer):
+    def __init__(self, peer, dies=False):
         self.where = peer
+        self.dies = dies  # accepted, then gone before the first token
+        self.request_id = bytes(16)
         self.completion = Completion(completion_tokens=1, finish_reason="stop")
 
     async def batches(self):
-        yield ["remote"]
+        if self.dies:
+            raise PeerUnavailable(f"{self.where} failed before the first token")
+        yield [f"remote {self.where}"]
 
 
 class FakeRemote:
-    def __init__(self, peers, fail=(), busy=(), bad=()):
-        self.peers, self.fail, self.busy, self.bad = peers, set(fail), set(busy), set(bad)
+    def __init__(self, peers, fail=(), busy=(), bad=(), dies=()):
+        self.peers_, self.fail, self.busy, self.bad = peers, set(fail), set(busy), set(bad)
+        self.dies = set(dies)
         self.tried, self.failed = [], []
 
-    def offers(self, model):
-        return [Offer(peer_id=p, tokens_per_s=tps, queue_depth=0, active_jobs=0, max_queue=16)
-                for p, tps in self.peers.items()] if model == "m" else []
+    def peers(self):
+        return tuple(PeerFacts(id=p, models=(ModelFacts("m", tokens_per_s=tps),), max_queue=16)
+                     for p, tps in self.peers_.items())
 
     def serves(self, model):
-        return model == "m" and bool(self.peers)
+        return model == "m" and bool(self.peers_)
 
-    async def start(self, peer_id, call, kind):
+    async def start(self, peer_id, call, kind, stamp):
         self.tried.append(peer_id)
         if peer_id in self.fail:
             raise PeerUnavailable("gone")
@@ -40,7 +45,7 @@ class FakeRemote:
             raise Busy("full")
         if peer_id in self.bad:
             raise InvalidRequest("context too long")
-        return FakeJob(peer_id)
+        return FakeJob(peer_id, peer_id in self.dies)
 
     def report_failure(self, peer_id):
         self.failed.append(peer_id)
@@ -60,40 +65,48 @@ def dispatcher(remote, local=True, busy_local=False):
 
 
 async def test_idle_local_wins_ties():
-    job = await dispatcher(FakeRemote({b"p": 0.0})).start(call(), "chat")
+    job = await dispatcher(FakeRemote({"p": 0.0})).start(call(), "chat")
     assert isinstance(job, LocalJob) and job.where is None
 
 
 async def test_faster_peer_wins_and_failures_move_on():
-    remote = FakeRemote({b"a": 500.0, b"b": 400.0}, fail=[b"a"])
+    remote = FakeRemote({"a": 500.0, "": 400.0}, fail=["a"])
     job = await dispatcher(remote, busy_local=True).start(call(), "chat")
-    assert job.where == b"b" and remote.tried == [b"a", b"b"] and remote.failed == [b"a"]
+    assert job.where == "" and remote.tried == ["a", ""] and remote.failed == ["a"]
+
+
+async def test_a_peer_dying_after_accepting_hands_over_before_the_first_token():
+    remote = FakeRemote({"a": 500.0, "b": 400.0, "c": 300.0}, dies=["a", "b"])
+    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    assert job.where == "a"  # accepted
+    assert [b async for b in job.batches()] == [["remote c"]]
+    assert job.where == "c" and remote.tried == ["a", "b", "c"]
 
 
 async def test_all_peers_failing_falls_back_to_local():
-    remote = FakeRemote({b"a": 500.0}, fail=[b"a"])
+    remote = FakeRemote({"a": 500.0}, fail=["a"])
     job = await dispatcher(remote, busy_local=True).start(call(), "chat")
     assert job.where is None
 
 
 async def test_without_local_model_errors_surface():
-    remote = FakeRemote({b"a": 100.0}, fail=[b"a"])
+    remote = FakeRemote({"a": 100.0}, fail=["a"])
     with pytest.raises(PeerUnavailable):
         await dispatcher(remote, local=False).start(call(), "chat")
     with pytest.raises(Busy):
-        await dispatcher(FakeRemote({b"a": 1.0}, busy=[b"a"]), local=False).start(call(), "chat")
+        await dispatcher(FakeRemote({"a": 1.0}, busy=["a"]), local=False).start(call(), "chat")
 
 
 async def test_a_bad_request_is_not_retried_elsewhere():
-    remote = FakeRemote({b"a": 500.0, b"b": 400.0}, bad=[b"a"])
+    remote = FakeRemote({"a": 500.0, "": 400.0}, bad=["a"])
     with pytest.raises(InvalidRequest):
         await dispatcher(remote, local=False).start(call(), "chat")
-    assert remote.tried == [b"a"]
+    assert remote.tried == ["a"]
 
 
 async def test_unknown_model_is_404_even_with_peers():
     with pytest.raises(ModelNotFound):
-        await dispatcher(FakeRemote({b"a": 1.0})).start(call("nope"), "chat")
+        await dispatcher(FakeRemote({"a": 1.0})).start(call("nope"), "chat")
 
 
 async def test_remote_job_is_served_by_the_api(tmp_path, autojump_clock):
@@ -101,11 +114,11 @@ async def test_remote_job_is_served_by_the_api(tmp_path, autojump_clock):
     from rbee_p2p.node import Node
 
     node = Node(NodeConfig(home=tmp_path, default_model=False), [], "peer")
-    node.dispatcher.remote = FakeRemote({b"a": 100.0})
+    node.dispatcher.remote = FakeRemote({"a": 100.0})
     client = node.app.test_client()
     r = await client.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert (await r.get_json())["choices"][0]["message"]["content"] == "remote"
+    assert (await r.get_json())["choices"][0]["message"]["content"] == "remote a"
 
 
 async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, autojump_clock):
@@ -113,7 +126,7 @@ async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, a
     from rbee_p2p.node import Node
 
     node = Node(NodeConfig(home=tmp_path, default_model=False), [], "peer")
-    node.dispatcher.remote = FakeRemote({b"a": 100.0}, fail=[b"a"])
+    node.dispatcher.remote = FakeRemote({"a": 100.0}, fail=["a"])
     r = await node.app.test_client().post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 500  # PeerUnavailable is an EngineFailure: 500, found via the MRO

@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from rbee_p2p.api.schemas import Limits, parse_chat
-from rbee_p2p.dispatch import PeerUnavailable
+from rbee_p2p.dispatch import PeerUnavailable, Stamp
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
 from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest
@@ -56,23 +56,25 @@ def mesh(nursery):
     """Returns start(call, engine=..., serve=True) -> RemoteJob against an executor on B."""
     audits = {"A": Audit(), "B": Audit()}
 
-    async def start(c, engine=None, serve=True, scheduler=None):
+    async def start(c, engine=None, serve=True, scheduler=None, stamp=Stamp(), where="EU"):
         engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
         scheduler = scheduler or Scheduler([engine])
-        executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction="EU",
+        executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction=where,
                             audit=audits["B"], timing=TIMING)
 
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
+            start.served.append(right)
             if serve:
                 nursery.start_soon(executor.handle, Mem(right), A.peer_id)
             return Mem(left)
 
         job = await RemoteJob.start(B.peer_id, open_stream, c, "chat", key=A, verifier=Verifier(),
-                                    timing=TIMING, audit=audits["A"])
+                                    timing=TIMING, audit=audits["A"], stamp=stamp)
         return job, engine, executor
 
     start.audits = audits
+    start.served = []  # the executor's ends of the streams
     return start
 
 
@@ -92,9 +94,43 @@ async def test_forwarded_job_streams_and_the_receipt_verifies(mesh, autojump_clo
     await trio.sleep(0.1)
     (kind_a, outcome_a, fa), = mesh.audits["A"].records
     (kind_b, outcome_b, fb), = mesh.audits["B"].records
-    assert (kind_a, outcome_a, kind_b, outcome_b) == ("forward", "ok", "execute", "ok")
-    assert fa["receipt_sig"] == fb["receipt_sig"] and fa["exec_peer"] == B.peer_id
+    assert (kind_a, outcome_a, kind_b, outcome_b) == ("entry", "ok", "execute", "ok")
+    assert fa["receipt"] == fb["receipt"] and fa["exec_peer"] == B.peer_id
     assert fb["entry_peer"] == A.peer_id and fb["tokens_out"] == 6
+
+
+async def test_the_executor_accepts_at_once_and_a_loss_before_output_can_move(mesh,
+                                                                              autojump_clock):
+    slow = ScriptedEngine("fake", script="late", token_seconds=3.0)
+    start = trio.current_time()
+    job, _, _ = await mesh(call(), engine=slow)
+    assert trio.current_time() - start < 1  # accepted, long before the first token
+    await mesh.served[-1].aclose()  # the executor is gone before producing anything
+    with pytest.raises(PeerUnavailable, match="before the first token"):
+        await collect(job)
+
+
+async def test_tenant_travels_as_a_keyed_hash_and_residency_is_enforced(mesh, autojump_clock):
+    ref = bytes(range(32))
+    job, _, _ = await mesh(call(), stamp=Stamp(tenant_ref=ref, residency="EU"), where="DE")
+    assert job.request.tenant_ref == ref and job.request.residency == "EU"
+    await collect(job)
+    await trio.sleep(0.1)
+    (_, _, fa), = mesh.audits["A"].records
+    (_, _, fb), = mesh.audits["B"].records
+    assert fa["tenant_ref"] == fb["tenant_ref"] == ref and fb["jurisdiction"] == "DE"
+    # an executor outside the residency refuses (the requester tries another peer)
+    with pytest.raises(PeerUnavailable, match="must stay in EU"):
+        await mesh(call(), stamp=Stamp(residency="EU"), where="US")
+    assert mesh.audits["B"].records[-1][:2] == ("execute", "rejected")
+
+
+async def test_a_receipt_outside_the_residency_is_an_error(mesh, autojump_clock):
+    # an executor that accepts anything (claims nothing checks) but signs "US" in its receipt
+    job, _, executor = await mesh(call(), stamp=Stamp(residency="US"), where="US")
+    job.stamp = Stamp(residency="EU")  # the requester required EU
+    with pytest.raises(EngineFailure, match="outside the required EU"):
+        await collect(job)
 
 
 async def test_stop_string_tokens_still_add_up(mesh, autojump_clock):
@@ -149,7 +185,7 @@ async def test_cancel_stops_the_peer_generation(mesh, autojump_clock):
     assert engine.generated <= 3 + 2  # in flight when the cancel arrived, plus one
     assert executor.served == 1
     outcomes = [(k, o) for k, o, _ in mesh.audits["B"].records + mesh.audits["A"].records]
-    assert ("forward", "cancelled") in outcomes and ("execute", "cancelled") in outcomes
+    assert ("entry", "cancelled") in outcomes and ("execute", "cancelled") in outcomes
 
 
 async def test_engine_failure_mid_stream_becomes_an_error(mesh, autojump_clock):

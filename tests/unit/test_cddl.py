@@ -53,3 +53,24 @@ def test_a_bad_enumeration_value_fails_the_payload_rule():
     payload = cbor.decode(bytes.fromhex(case["hex"]), max_size=1 << 20)[6]
     with pytest.raises(pycddl.ValidationError):
         PAYLOADS[5].validate_cbor(cbor.encode({**payload, "code": "teapot"}))
+
+
+AUDIT_CASES = json.loads((PROTOCOL / "vectors" / "audit_chain.json").read_text())["cases"]
+AUDIT_ENTRY = schema("audit-entry")
+TOMBSTONE = schema("tombstone / tombstone")  # wrapped: see the pycddl notes in rbee.cddl
+
+
+def test_audit_file_entries_and_tombstones_match_the_schema():
+    entries = {bytes.fromhex(h) for c in AUDIT_CASES if c["expected"] == "valid"
+               for h in c["records"]}
+    tombstones = [e for e in entries if e.startswith(b"\x83")]
+    assert len(tombstones) == 3
+    for entry in entries:
+        AUDIT_ENTRY.validate_cbor(entry)
+    for entry in tombstones:
+        TOMBSTONE.validate_cbor(entry)
+    for bad in (["tombstone", 1, b"short"], ["grave", 1, bytes(32)], ["tombstone", -1, bytes(32)],
+                ["tombstone", 1, bytes(32), 0]):
+        for rule in (AUDIT_ENTRY, TOMBSTONE):
+            with pytest.raises(pycddl.ValidationError):
+                rule.validate_cbor(cbor.encode(bad))

@@ -43,3 +43,24 @@ def test_unsafe_key_is_a_clear_error(tmp_path, monkeypatch, capsys):
     os.chmod(tmp_path / "node.key", 0o644)
     assert main(["id"]) == 1
     assert "chmod 600" in capsys.readouterr().err
+
+
+def test_audit_since_takes_a_date_or_an_iso_datetime():
+    import argparse
+
+    from rbee_p2p.audit_cli import parse_since
+
+    day = parse_since("2026-09-01")
+    assert day == 1788220800000
+    assert parse_since("2026-09-01T00:00:00") == day == parse_since("2026-09-01T02:00:00+02:00")
+    assert parse_since("2026-09-01T00:00:01.5Z") == day + 1500
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_since("last week")
+
+
+def test_audit_commands_need_an_action_and_a_tenant(capsys):
+    with pytest.raises(SystemExit):
+        main(["audit"])
+    with pytest.raises(SystemExit):
+        main(["audit", "export"])
+    assert "--tenant" in capsys.readouterr().err

@@ -1,37 +1,137 @@
+"""Built-in routing policies, residency and decide(): table-driven."""
+
 import pytest
 
-from rbee_p2p.routing import Offer, RouteRequest, fastest_expected_completion
+from rbee_p2p.routing import (BUILTINS, DeviceFacts, ModelFacts, PeerFacts, Ranked, Rejected,
+                              RequestFacts, Snapshot, TenantFacts, cheapest, decide, fastest,
+                              least_loaded, local_only, lowest_latency, pinned, satisfies)
 
-REQ = RouteRequest(model="m", max_tokens=100)
-
-
-def offer(pid, tps=100.0, queue=0, active=0, max_queue=16, latency=0.0):
-    return Offer(peer_id=pid, tokens_per_s=tps, queue_depth=queue, active_jobs=active,
-                 max_queue=max_queue, latency_ms=latency)
+REQ = RequestFacts(model="m", max_tokens=100)
 
 
-def ranked(*offers):
-    return [o.peer_id for o in fastest_expected_completion(REQ, list(offers))]
+def place(pid, tps=100.0, queue=0, active=0, max_queue=16, latency=0.0, where="EU", price=0,
+          models=("m",), device=None, devices=()):
+    return PeerFacts(id=pid, local=pid == "me",
+                     models=tuple(ModelFacts(n, tokens_per_s=tps, device=device) for n in models),
+                     devices=devices, queue_depth=queue, active_jobs=active, max_queue=max_queue,
+                     latency_ms=latency, jurisdiction=where, price=price)
 
 
-@pytest.mark.parametrize("offers, expected", [
+def snap(*places):
+    local = next((p for p in places if p.local), None)
+    return Snapshot(local=local, peers=tuple(p for p in places if not p.local))
+
+
+def ranked(policy, *places, request=REQ):
+    decision = decide(policy, request, snap(*places))
+    return list(decision.candidates) if isinstance(decision, Ranked) else decision
+
+
+@pytest.mark.parametrize("places, expected", [
     # idle equal machines: local first (ties go local)
-    ([offer(b"p"), offer(None)], [None, b"p"]),
+    ([place("p"), place("me")], ["me", "p"]),
     # a busy local node loses to an idle peer
-    ([offer(None, active=1), offer(b"p")], [b"p", None]),
+    ([place("me", active=1), place("p")], ["p", "me"]),
     # queue depth x speed: a fast busy peer vs a slow idle one
-    ([offer(b"fast", tps=400, queue=2), offer(b"slow", tps=100)], [b"fast", b"slow"]),
-    ([offer(b"fast", tps=400, queue=5), offer(b"slow", tps=100)], [b"slow", b"fast"]),
+    ([place("fast", tps=400, queue=2), place("slow", tps=100)], ["fast", "slow"]),
+    ([place("fast", tps=400, queue=5), place("slow", tps=100)], ["slow", "fast"]),
     # a peer within the local margin does not win
-    ([offer(None, tps=100), offer(b"p", tps=105)], [None, b"p"]),
-    ([offer(None, tps=100), offer(b"p", tps=150)], [b"p", None]),
+    ([place("me", tps=100), place("p", tps=105)], ["me", "p"]),
+    ([place("me", tps=100), place("p", tps=150)], ["p", "me"]),
     # full queues are left out
-    ([offer(b"full", queue=16), offer(b"ok", queue=3)], [b"ok"]),
+    ([place("full", queue=16), place("ok", queue=3)], ["ok"]),
     # network latency counts
-    ([offer(b"far", latency=2000), offer(b"near", latency=1)], [b"near", b"far"]),
-    # unmeasured speed gets the default estimate
-    ([offer(b"unknown", tps=0), offer(b"known", tps=10)], [b"unknown", b"known"]),
-    ([], []),
+    ([place("far", latency=2000), place("near", latency=1)], ["near", "far"]),
+    # unmeasured speed gets the default estimate (50 tok/s)
+    ([place("unknown", tps=0), place("known", tps=10)], ["unknown", "known"]),
 ])
-def test_fastest_expected_completion(offers, expected):
-    assert ranked(*offers) == expected
+def test_fastest(places, expected):
+    assert ranked(fastest, *places) == expected
+
+
+@pytest.mark.parametrize("policy, places, expected", [
+    (least_loaded, [place("a", queue=4), place("b", active=1), place("c", queue=2)],
+     ["b", "c", "a"]),
+    (least_loaded, [place("a", queue=4, max_queue=64), place("b", queue=2, max_queue=8)],
+     ["a", "b"]),
+    (lowest_latency, [place("a", latency=30), place("b", latency=5), place("me")],
+     ["me", "b", "a"]),
+    (cheapest, [place("a", price=30), place("b", price=5), place("c", price=5, tps=500)],
+     ["c", "b", "a"]),
+    (local_only, [place("a"), place("me", queue=3)], ["me"]),
+])
+def test_builtins(policy, places, expected):
+    assert ranked(policy, *places) == expected
+
+
+def test_local_only_without_local_model_is_refused():
+    decision = decide(local_only, REQ, snap(place("a")))
+    assert isinstance(decision, Rejected) and decision.kind == "forbidden"
+
+
+def test_pinned_to_peer_device_or_name():
+    h100 = (DeviceFacts("cuda:0", "cuda", "NVIDIA H100 80GB", 80 << 30, 70 << 30),)
+    a100 = (DeviceFacts("cuda:0", "cuda", "NVIDIA A100", 40 << 30, 30 << 30),)
+    places = [place("a", devices=a100), place("h", devices=h100, queue=3), place("me")]
+    assert ranked(pinned({"m": "H100"}), *places) == ["h"]
+    assert ranked(pinned({"m": "a"}), *places) == ["a"]
+    assert ranked(pinned({"other": "a"}), *places) == ["me", "a", "h"]  # unpinned: fastest
+    gone = decide(pinned({"m": "cuda:7"}), REQ, snap(*places))
+    assert isinstance(gone, Rejected) and "pinned to cuda:7" in gone.reason
+
+
+@pytest.mark.parametrize("claim, need, ok", [
+    ("EU", "EU", True), ("DE", "EU", True), ("fr", "eu", True), ("US", "EU", False),
+    ("", "EU", False), ("US", "US", True), ("US", None, True), ("", None, True),
+    ("EU", "DE", False), ("CH", "EU", False),
+])
+def test_satisfies(claim, need, ok):
+    assert satisfies(claim, need) is ok
+
+
+EU_TENANT = RequestFacts(model="m", tenant=TenantFacts("acme", "enterprise", "EU"))
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_residency_applies_before_every_policy(name):
+    places = [place("me", where="US"), place("us", where="US", tps=900), place("de", where="DE")]
+    decision = decide(BUILTINS[name], EU_TENANT, snap(*places))
+    if name == "local_only":
+        assert isinstance(decision, Rejected)
+    else:
+        assert decision == Ranked(("de",), name)
+
+
+def test_residency_impossible_is_forbidden_with_reason():
+    decision = decide(fastest, EU_TENANT, snap(place("me", where="US"), place("x", where="")))
+    assert isinstance(decision, Rejected) and decision.kind == "forbidden"
+    assert "EU" in decision.reason
+
+
+def test_policy_cannot_escape_eligibility():
+    def rogue(request, snapshot):
+        return Ranked(("us", "nobody", "de", "de"), "rogue")
+
+    places = [place("us", where="US"), place("de", where="DE")]
+    assert decide(rogue, EU_TENANT, snap(*places)) == Ranked(("de",), "rogue")
+
+    def only_ineligible(request, snapshot):
+        return Ranked(("us",), "rogue")
+
+    assert isinstance(decide(only_ineligible, EU_TENANT, snap(*places)), Rejected)
+
+
+@pytest.mark.parametrize("places, kind", [
+    ([], "unavailable"),
+    ([place("a", models=("other",))], "unavailable"),
+    ([place("a", queue=16), place("b", queue=20)], "busy"),
+])
+def test_rejections(places, kind):
+    decision = decide(fastest, REQ, snap(*places))
+    assert isinstance(decision, Rejected) and decision.kind == kind
+
+
+def test_modality_must_match():
+    img = PeerFacts(id="img", models=(ModelFacts("m", modality="image"),))
+    assert isinstance(decide(fastest, REQ, snap(img)), Rejected)
+    assert ranked(fastest, img, request=RequestFacts(model="m", modality="image")) == ["img"]

@@ -1,0 +1,123 @@
+"""The door: API keys -> tenants, per-tenant quotas, and what a request carries onward.
+
+With no tenants configured the node is open (the local user, on 127.0.0.1); once one
+tenant exists every /v1 request needs a valid key.  The tenants file is re-read when it
+changes (`rbee-node tenants ...` while the node runs), at most once a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..dispatch import Stamp
+from ..errors import ConfigError
+from ..store.audit_read import content_path
+from ..tenants import Quotas, Tenant, TenantBook
+
+__all__ = ["Gate", "Pass"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pass:
+    """One admitted request: who sent it and what travels with it to the executing node."""
+
+    tenant: Tenant | None
+    stamp: Stamp
+    finished: bool = False
+    streaming: bool = False  # the response outlives the handler: the stream finishes it
+
+
+class Gate:
+    def __init__(self, home: Path | None, *, clock: Callable[[], float] = time.time) -> None:
+        self.home = home
+        self.clock = clock
+        self.book = TenantBook.open(home) if home is not None else None
+        self.quotas = Quotas()
+        self.unauthorized = 0
+        self._checked = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.book is None or len(self.book) == 0
+
+    def _refresh(self) -> None:
+        now = self.clock()
+        if self.book is None or self.home is None or now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            mtime = self.book.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = 0
+        if mtime != self.book.mtime_ns:
+            try:
+                self.book = TenantBook.open(self.home)
+                log.info("tenants reloaded: %d", len(self.book))
+            except ConfigError as exc:  # keep serving with the tenants we had
+                log.error("tenants file not reloaded: %s", exc)
+                self.book.mtime_ns = mtime
+
+    def authenticate(self, authorization: str | None) -> Tenant | None:
+        """The caller's tenant (None on an open node).  Raises Unauthorized."""
+        self._refresh()
+        if self.open:
+            return None
+        assert self.book is not None
+        key = None
+        if authorization and authorization[:7].lower() == "bearer ":
+            key = authorization[7:].strip()
+        try:
+            return self.book.authenticate(key)
+        except Exception:
+            self.unauthorized += 1
+            raise
+
+    def admit(self, tenant: Tenant | None, model: str) -> Pass:
+        """Check the tenant's model list and quotas for one request.  Raises Forbidden or
+        QuotaExceeded (counted per tenant)."""
+        if tenant is None:
+            return Pass(None, Stamp())
+        self.quotas.admit(tenant, model, self.clock())
+        return Pass(tenant, Stamp(tenant_ref=self.ref(tenant),
+                                  residency=tenant.residency, tenant=tenant.facts))
+
+    def ref(self, tenant: Tenant) -> bytes:
+        assert self.book is not None
+        return self.book.ref(tenant.name)
+
+    def refused(self, tenant: Tenant | None, status: int) -> None:
+        if tenant is not None:
+            self.quotas.refused(tenant, status)
+
+    def finish(self, admitted: Pass, tokens: int) -> None:
+        """The request is over (any way): free its slot, count its tokens.  Idempotent."""
+        if admitted.finished or admitted.tenant is None:
+            return
+        admitted.finished = True
+        self.quotas.finish(admitted.tenant, tokens, self.clock())
+
+    def log_content(self, admitted: Pass, request_id: bytes, prompt: Any, output: str) -> None:
+        """Keep the text of a request, only for tenants that enabled content logging; the
+        file lives outside the audit chain so erasure can delete it."""
+        tenant, ref = admitted.tenant, admitted.stamp.tenant_ref
+        if tenant is None or not tenant.content_logging or self.home is None or ref is None:
+            return
+        path = content_path(self.home, ref)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        line = json.dumps({"request_id": request_id.hex(), "time": int(self.clock()),
+                           "prompt": prompt, "completion": output}, ensure_ascii=False)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(line + "\n")
+
+    def status(self) -> dict[str, Any]:
+        return {"open": self.open, "tenants": len(self.book or ()),
+                "unauthorized": self.unauthorized, "usage": self.quotas.status()}

@@ -1,0 +1,185 @@
+"""API keys, quotas, residency and content logging through the HTTP API (fake engine,
+autojump clock; the quota clock is a variable the test moves)."""
+
+import json
+
+import pytest
+
+from rbee_p2p.config import NodeConfig
+from rbee_p2p.engines.fake import ScriptedEngine
+from rbee_p2p.errors import ConfigError
+from rbee_p2p.node import Node, check_exposure
+from rbee_p2p.tenants import TenantBook
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 4}
+
+
+class Recorder:
+    """Stands in for the audit writer: keeps what would be recorded."""
+
+    def __init__(self):
+        self.records = []
+
+    async def record(self, kind, outcome, **fields):
+        self.records.append({"kind": kind, "outcome": outcome, **fields})
+
+
+def make(tmp_path, jurisdiction="", **tenants):
+    book = TenantBook.open(tmp_path)
+    keys = {name: book.add(name, **settings) for name, settings in tenants.items()}
+    book.save()
+    audit = Recorder()
+    node = Node(NodeConfig(home=tmp_path, default_model=False, jurisdiction=jurisdiction),
+                [ScriptedEngine("fake", script="one two three")], "me", audit=audit)
+    now = [1_700_000_000.0]
+    node.gate.clock = lambda: now[0]
+    return node, keys, audit, now, node.app.test_client()
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_no_tenants_means_open_to_the_local_user(tmp_path, autojump_clock):
+    _, _, _, _, client = make(tmp_path)
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_keys_are_required_once_a_tenant_exists(tmp_path, autojump_clock):
+    node, keys, _, _, client = make(tmp_path, acme={})
+    for headers in ({}, auth("rbee-nope"), {"Authorization": keys["acme"]}):
+        r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert r.status_code == 401
+        error = (await r.get_json())["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 200
+    r = await client.post("/v1/embeddings", json={"model": "fake", "input": "x"})
+    assert r.status_code == 401
+    assert node.status()["tenancy"]["unauthorized"] == 4
+
+
+async def test_model_not_allowed_is_403_and_audited(tmp_path, autojump_clock):
+    node, keys, audit, _, client = make(tmp_path, acme={"models": ("other",)})
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 403
+    assert (await r.get_json())["error"]["type"] == "permission_error"
+    [rec] = audit.records
+    assert (rec["kind"], rec["outcome"], rec["error_code"]) == ("entry", "rejected", "forbidden")
+    assert rec["tenant_ref"] == node.gate.ref(node.gate.book.tenants["acme"])
+
+
+async def test_rate_limit_is_429_with_retry_after_and_counted(tmp_path, autojump_clock):
+    node, keys, _, now, client = make(tmp_path, acme={"rpm": 2}, other={})
+    for _ in range(2):
+        r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+        assert r.status_code == 200
+    now[0] += 15
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 429 and r.headers["Retry-After"] == "45"
+    assert (await r.get_json())["error"]["code"] == "rate_limit_exceeded"
+    # another tenant is not affected; the limit lifts after the window
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["other"]))
+    assert r.status_code == 200
+    now[0] += 46
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 200
+    usage = node.status()["tenancy"]["usage"]["acme"]
+    assert usage["allowed"] == 3 and usage["refused"] == {"429": 1} and usage["in_flight"] == 0
+
+
+async def test_token_quota_counts_streamed_and_plain_responses(tmp_path, autojump_clock):
+    node, keys, _, _, client = make(tmp_path, acme={"tokens_per_day": 10})
+    r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers=auth(keys["acme"]))
+    assert r.status_code == 200 and (await r.get_data()).endswith(b"data: [DONE]\n\n")
+    used = node.status()["tenancy"]["usage"]["acme"]["tokens_today"]
+    assert used > 0
+    while node.status()["tenancy"]["usage"]["acme"]["tokens_today"] < 10:
+        r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+        assert r.status_code == 200
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+async def test_concurrency_slot_is_freed_after_errors(tmp_path, autojump_clock):
+    node, keys, _, _, client = make(tmp_path, acme={"concurrent": 1})
+    for _ in range(3):  # a 404 inside the admitted request must not leak its slot
+        r = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"},
+                              headers=auth(keys["acme"]))
+        assert r.status_code == 404
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 200
+    assert node.status()["tenancy"]["usage"]["acme"]["in_flight"] == 0
+
+
+async def test_residency_no_eligible_node_is_403_with_a_clear_message(tmp_path, autojump_clock):
+    node, keys, audit, _, client = make(tmp_path, "US", eu={"residency": "EU"}, us={})
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["eu"]))
+    assert r.status_code == 403
+    message = (await r.get_json())["error"]["message"]
+    assert "EU" in message and "residency" in message
+    assert audit.records[-1]["outcome"] == "rejected"
+    r = await client.post("/v1/embeddings", json={"model": "fake", "input": "x"},
+                          headers=auth(keys["eu"]))
+    assert r.status_code == 403
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["us"]))
+    assert r.status_code == 200
+    record = audit.records[-1]
+    assert (record["kind"], record["outcome"], record["jurisdiction"]) == ("entry", "ok", "US")
+    assert record["exec_peer"] is None or record["exec_peer"] == record["entry_peer"]
+
+
+async def test_residency_met_locally_runs_here(tmp_path, autojump_clock):
+    _, keys, audit, _, client = make(tmp_path, "DE", eu={"residency": "EU"})
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["eu"]))
+    assert r.status_code == 200
+    assert audit.records[-1]["jurisdiction"] == "DE"
+
+
+async def test_content_is_logged_only_for_tenants_that_enable_it(tmp_path, autojump_clock):
+    node, keys, audit, _, client = make(tmp_path, loud={"content_logging": True}, quiet={})
+    for name in ("loud", "quiet"):
+        r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys[name]))
+        assert r.status_code == 200
+    files = list((tmp_path / "content").iterdir())
+    ref = node.gate.ref(node.gate.book.tenants["loud"])
+    assert [f.name for f in files] == [f"{ref.hex()}.jsonl"]
+    line = json.loads(files[0].read_text())
+    assert line["prompt"] == CHAT["messages"] and line["completion"]
+    assert line["request_id"] == audit.records[0]["request_id"].hex()
+    # the audit records themselves never hold text
+    assert all("hello" not in repr(v) for rec in audit.records for v in rec.values())
+
+
+async def test_tenants_added_while_running_are_picked_up(tmp_path, autojump_clock):
+    node, _, _, now, client = make(tmp_path)
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    book = TenantBook.open(tmp_path)
+    key = book.add("late")
+    book.save()
+    now[0] += 2
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 401
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("host, tenants, allow_open, refused", [
+    ("127.0.0.1", False, False, False),
+    ("0.0.0.0", False, False, True),
+    ("0.0.0.0", False, True, False),
+    ("0.0.0.0", True, False, False),
+    ("::", False, False, True),
+])
+def test_exposure_without_keys_needs_consent(tmp_path, host, tenants, allow_open, refused):
+    if tenants:
+        book = TenantBook.open(tmp_path)
+        book.add("acme")
+        book.save()
+    config = NodeConfig(home=tmp_path, host=host, allow_open=allow_open)
+    if refused:
+        with pytest.raises(ConfigError, match="--allow-open"):
+            check_exposure(config)
+    else:
+        check_exposure(config)
