@@ -19,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rbee_p2p.routing import Offer, RouteRequest, fastest_expected_completion
+from rbee_p2p.protocol.identity import peer_id_to_str
+from rbee_p2p.routing import (ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot, decide,
+                              expected_ms, fastest)
 from rbee_p2p.routing import reputation, sampling
 from rbee_p2p.routing.reputation import Standing
 
@@ -47,43 +49,59 @@ class Place:
     max_queue: int
     latency_ms: float = 0.0  # round trip, plus the expected time lost to failures there
     trust: float = 1.0
+    state: str = "alive"  # or "suspect" (PeerState value)
 
 
 class Router:
-    """Ranks places with the node's built-in policy; counts decisions and their CPU time."""
+    """Ranks places with the node's built-in policy (``decide(fastest, ...)``, as the
+    dispatcher does); counts decisions and their CPU time."""
 
     def __init__(self, peer_ids: Sequence[bytes]) -> None:
         self.peer_ids = peer_ids
+        self._ids: dict[int, str] = {}
+        self._nodes: dict[str, int] = {}
         self.decisions = 0
         self.seconds = 0.0
         self.places = 0
 
+    def _id(self, node: int) -> str:
+        text = self._ids.get(node)
+        if text is None:
+            text = self._ids[node] = peer_id_to_str(self.peer_ids[node])
+            self._nodes[text] = node
+        return text
+
+    def facts(self, model: str, place: Place) -> PeerFacts:
+        """What the policy sees of a place (the model's speed, the load, the round trip,
+        the reputation)."""
+        return PeerFacts(id=self._id(place.node), local=place.local,
+                         models=(ModelFacts(model, "text", place.tokens_per_s),),
+                         queue_depth=place.queue_depth, active_jobs=place.active_jobs,
+                         max_queue=place.max_queue, latency_ms=place.latency_ms,
+                         reputation=place.trust, state=place.state)
+
     def rank(self, model: str, max_tokens: int, prompt_tokens: int,
-             places: Sequence[Place]) -> list[int]:
+             places: Sequence[Place], now_ms: int = 0) -> list[int]:
         """Node indices best-first (full places left out), as the node's dispatcher would
-        try them."""
+        try them; empty when the policy rejects."""
         started = time.perf_counter()
-        offers = [Offer(peer_id=None if p.local else self.peer_ids[p.node],
-                        tokens_per_s=p.tokens_per_s, queue_depth=p.queue_depth,
-                        active_jobs=p.active_jobs, max_queue=p.max_queue,
-                        latency_ms=p.latency_ms) for p in places]
-        by_offer = {id(o): p.node for o, p in zip(offers, places)}
-        ranked = fastest_expected_completion(RouteRequest(model=model, max_tokens=max_tokens),
-                                             offers)
-        out = [by_offer[id(o)] for o in ranked]
+        facts = [self.facts(model, p) for p in places]
+        local = next((f for f in facts if f.local), None)
+        snapshot = Snapshot(local=local, peers=tuple(f for f in facts if not f.local),
+                            now_ms=now_ms)
+        request = RequestFacts(model=model, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
+        decision = decide(fastest, request, snapshot, "fastest")
+        out = ([self._nodes[pid] for pid in decision.candidates]
+               if isinstance(decision, Ranked) else [])
         self.seconds += time.perf_counter() - started
         self.decisions += 1
         self.places += len(places)
         return out
 
-
     def expected_ms(self, model: str, max_tokens: int, place: Place) -> float:
         """The policy's own estimate of when a request would be done at ``place``."""
-        offer = Offer(peer_id=None if place.local else self.peer_ids[place.node],
-                      tokens_per_s=place.tokens_per_s, queue_depth=place.queue_depth,
-                      active_jobs=place.active_jobs, max_queue=place.max_queue,
-                      latency_ms=place.latency_ms)
-        return offer.expected_ms(RouteRequest(model=model, max_tokens=max_tokens))
+        return expected_ms(self.facts(model, place),
+                           RequestFacts(model=model, max_tokens=max_tokens))
 
 
 def pool(self_key: int, candidates: Sequence[tuple[int, int, float]], size: int) -> list[int]:

@@ -49,6 +49,7 @@ __all__ = ["Requests", "PROBE_BYTES", "REPLY_OVERHEAD"]
 PROBE_BYTES = 120  # a new stream: multistream-select + yamux + noise framing
 REPLY_OVERHEAD = 60  # length prefix + yamux + noise around the advert envelope
 FLOOD_SUSPECT_S = 3.0  # mesh/service.py: suspect_after_s
+FLOOD_DEAD_S = 8.0  # mesh/service.py: dead_after_s
 ALIVE, SUSPECT, DEAD = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD
 
 
@@ -160,7 +161,7 @@ class Requests:
     def _rank_and_try(self, req: Req, places: list[Place]) -> None:
         tr = self.tr
         req.ranked = self.router.rank(self.model_names[req.model], tr.max_tokens[req.rid],
-                                      tr.prompt[req.rid], places)
+                                      tr.prompt[req.rid], places, self.loop.now_ms())
         req.claims = {p.node: (p.tokens_per_s, (p.queue_depth + p.active_jobs) *
                                tr.max_tokens[req.rid] / max(p.tokens_per_s, 1e-9) * 1000.0)
                       for p in places}
@@ -223,35 +224,39 @@ class Requests:
             if i < 0:
                 continue
             received = times[i] + dist[p]
-            if now - received > FLOOD_SUSPECT_S:
-                continue
+            if now - received > FLOOD_DEAD_S:
+                continue  # DEAD: not offered
             failed = suspect.get(p)
-            if failed is not None and failed[1] >= received:
-                continue
+            state = "suspect" if now - received > FLOOD_SUSPECT_S or (
+                failed is not None and failed[1] >= received) else "alive"
             advert = s.hist_a[p][i]
             if not advert.models:
                 continue
             speed, trust, penalty = self._speed(e, p, advert.models[0].tokens_per_s)
             places.append(Place(p, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, penalty, trust))
+                                advert.max_queue, penalty, trust, state))
             ages += now - times[i]
         if self.m.in_window(now) and places:
             self.m.staleness.append(ages / len(places))
         return places
 
     def _table_places(self, req: Req) -> list[Place]:
-        """An observer's offers, straight from its real PeerTable (as Mesh.offers)."""
+        """An observer's places, straight from its real PeerTable: every peer not DEAD,
+        suspect ones included (as Mesh.peers)."""
         s, e = self.s, req.entry
         name = self.model_names[req.model]
         out = []
-        for entry in s.tables[e].alive():
+        for entry in s.tables[e].peers.values():
+            if entry.state is DEAD:
+                continue
             advert = entry.advert
             for model in advert.models:
                 if model.name == name:
                     node = s.wire.index[entry.peer_id]
                     speed, trust, penalty = self._speed(e, node, model.tokens_per_s)
                     out.append(Place(node, False, speed, advert.queue_depth,
-                                     advert.active_jobs, advert.max_queue, penalty, trust))
+                                     advert.active_jobs, advert.max_queue, penalty, trust,
+                                     entry.state.value))
         return out
 
     # -- the sample design --------------------------------------------------------------
