@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--out", type=Path,
                      help="results folder (default simulations/results/<name>-<nodes>n-s<seed>)")
     cmd.add_argument("--no-plots", action="store_true", help="write no PNG")
+    var = sub.add_parser("sweep", help="vary one setting at a time; print a markdown table")
+    var.add_argument("scenario", type=Path)
+    var.add_argument("--nodes", type=int)
+    var.add_argument("--seed", type=int)
+    var.add_argument("--duration", type=float)
+    var.add_argument("--vary", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                     help="e.g. routing.probes=8,16 (repeatable)")
     args = parser.parse_args(argv)
     try:
         sc = load(args.scenario)
@@ -33,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sc = sc.with_overrides(nodes=args.nodes, seed=args.seed, duration_s=args.duration)
+    if args.command == "sweep":
+        from .sweep import sweep
+
+        try:
+            print(sweep(sc, args.vary))
+        except ScenarioError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.mode:
         from dataclasses import replace
 

@@ -123,3 +123,18 @@ def test_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_pa
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
     assert plot({}, tmp_path / "x.png") is None
     assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_sweep_varies_one_setting_at_a_time(capsys):
+    from simulations.sweep import variations
+
+    sc = tiny()
+    runs = variations(sc, ["routing.probes=2,4", "routing.reputation=false"])
+    assert [label for label, _ in runs] == ["as is", "routing.probes=2", "routing.probes=4",
+                                            "routing.reputation=false"]
+    assert runs[2][1].routing.probes == 4 and runs[3][1].routing.reputation is False
+    assert runs[1][1].workload == sc.workload
+    assert main(["sweep", str(SCENARIOS / "steady.toml"), "--vary", "routing.nope=1"]) == 2
+    assert main(["sweep", str(SCENARIOS / "steady.toml"), "--nodes", "12", "--duration", "6",
+                 "--vary", "routing.probes=2"]) == 0
+    assert "| routing.probes=2 |" in capsys.readouterr().out
