@@ -7,6 +7,7 @@ then once per listed value with only that setting changed.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -50,5 +51,5 @@ def sweep(sc: Scenario, specs: list[str]) -> str:
                     f"{q.get('ratio_p99')} | {rq['failed']} | {rq['requests_retried']} | "
                     f"{r['gossip']['bytes_per_node_per_s_in']} | {by.get('probes', 0)} | "
                     f"{t['wall_s']} |")
-        print(rows[-1], flush=True)
+        print(rows[-1], file=sys.stderr, flush=True)  # progress; the table goes to stdout
     return "\n".join(rows)
