@@ -2,23 +2,27 @@
 
 A request enters at a node (a user's own node), which plans where to run it:
 
-* ``flood`` design: the places are this node and every peer whose advert it holds (the
-  adverts' age is exact: each was published at a known time and reached this node over the
-  mesh); the policy ranks them all;
+* ``flood`` design: the places are this node and every peer whose advert it holds, alive or
+  suspect, as ``Mesh.peers`` offers them (an advert's age is exact: it was published at a
+  known time and reached this node over the mesh); the policy ranks them all;
 * ``sample`` design: this node keeps a *pool* of ``routing.pool`` peers per model
   (``rbee_p2p.routing.sampling.pool``: a speed-weighted sample salted with its own id),
-  picks ``routing.probes`` of them (``sampling.pick``, weighted by trust), asks each for
-  its current advert, and after ``probe_wait_s`` (or once all answered) ranks itself and
-  the peers that answered, with the measured round trip as their latency.
+  picks ``routing.probes`` of them (``sampling.pick``, weighted by trust squared; suspect
+  peers wait ``suspect_retry_s``), asks each for its current advert, and once
+  ``probe_quorum`` of them answered (at most ``probe_wait_s``) ranks itself and the peers
+  that answered, with the measured round trip as their latency.
 
 Then, like ``Dispatcher.start``, it tries the ranked places in order: a full queue answers
 "busy" (next place), a vanished peer fails after the connect timeout (the peer becomes
 suspect, next place); when the list is exhausted it plans again after a backoff, up to
-``max_rounds``.  A crashed executor is noticed ``crash_detect_s`` later and a result cut
-off by a partition after ``stream_timeout_s``; both retry.  Malicious peers: a dropper
-accepts and never answers (the requester gives up after ``drop_timeout_s``), a garbage
-peer answers at once with junk (a spot check catches it with ``detect_garbage``), a liar
-claims ``speed_lie`` x its speed and an empty queue.  What the requester observes feeds
+``max_rounds``.  With ``admission = "deadline"`` the job carries a deadline derived from the
+policy's estimate for the chosen place, and the executor refuses it when its own estimate
+ends later (someone else's job got there first).  A crashed executor is noticed
+``crash_detect_s`` later and a result cut off by a partition after ``stream_timeout_s``;
+both retry; a request not done ``deadline_s`` after arrival fails.  Malicious peers: a
+dropper accepts and never answers (the requester gives up after ``drop_timeout_s``), a
+garbage peer answers at once with junk (a spot check catches it with ``detect_garbage``), a
+liar claims ``speed_lie`` x its speed and an empty queue.  What the requester observes feeds
 its reputation standings (``rbee_p2p.routing.reputation``).
 
 Non-observer nodes keep their view compactly: a dict of peers they saw fail (with the
