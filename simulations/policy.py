@@ -1,0 +1,149 @@
+"""Every call from the simulator into ``rbee_p2p.routing``, in one place.
+
+The routing API is being reworked (``RequestFacts``/``PeerFacts``/``Snapshot`` ->
+``Ranked``/``Rejected``); only this module has to follow it.  The rest of the simulator
+speaks :class:`Place` (a plain record of what a node knows about one place) and node
+indices.
+
+Also here: a vectorised twin of :func:`rbee_p2p.routing.sampling.priority` for drawing
+pools over thousands of peers at once.  It is the same arithmetic (splitmix64 in uint64,
+the same 53-bit unit, natural log); ``tests/unit/test_sim_policy.py`` checks that it picks
+the same peers as the pure function.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from rbee_p2p.protocol.identity import peer_id_to_str
+from rbee_p2p.routing import (ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot, decide,
+                              expected_ms, fastest)
+from rbee_p2p.routing import reputation, sampling
+from rbee_p2p.routing.reputation import Standing
+
+__all__ = ["Place", "Router", "Standing", "peer_key", "pool", "pool_many", "pick",
+           "after_job", "after_failure", "after_refusal", "trust", "effective_speed", "failure_penalty_ms"]
+
+peer_key = sampling.peer_key
+after_job = reputation.after_job
+after_failure = reputation.after_failure
+after_refusal = reputation.after_refusal
+trust = reputation.trust
+effective_speed = reputation.effective_speed
+failure_penalty_ms = reputation.failure_penalty_ms
+
+
+@dataclass(slots=True)
+class Place:
+    """One place a request could run, as the deciding node sees it."""
+
+    node: int
+    local: bool
+    tokens_per_s: float
+    queue_depth: int
+    active_jobs: int
+    max_queue: int
+    latency_ms: float = 0.0  # round trip, plus the expected time lost to failures there
+    trust: float = 1.0
+    state: str = "alive"  # or "suspect" (PeerState value)
+
+
+class Router:
+    """Ranks places with the node's built-in policy (``decide(fastest, ...)``, as the
+    dispatcher does); counts decisions and their CPU time."""
+
+    def __init__(self, peer_ids: Sequence[bytes]) -> None:
+        self.peer_ids = peer_ids
+        self._ids: dict[int, str] = {}
+        self._nodes: dict[str, int] = {}
+        self.decisions = 0
+        self.seconds = 0.0
+        self.places = 0
+
+    def _id(self, node: int) -> str:
+        text = self._ids.get(node)
+        if text is None:
+            text = self._ids[node] = peer_id_to_str(self.peer_ids[node])
+            self._nodes[text] = node
+        return text
+
+    def facts(self, model: str, place: Place) -> PeerFacts:
+        """What the policy sees of a place (the model's speed, the load, the round trip,
+        the reputation)."""
+        return PeerFacts(id=self._id(place.node), local=place.local,
+                         models=(ModelFacts(model, "text", place.tokens_per_s),),
+                         queue_depth=place.queue_depth, active_jobs=place.active_jobs,
+                         max_queue=place.max_queue, latency_ms=place.latency_ms,
+                         reputation=place.trust, state=place.state)
+
+    def rank(self, model: str, max_tokens: int, prompt_tokens: int,
+             places: Sequence[Place], now_ms: int = 0) -> list[int]:
+        """Node indices best-first (full places left out), as the node's dispatcher would
+        try them; empty when the policy rejects."""
+        started = time.perf_counter()
+        facts = [self.facts(model, p) for p in places]
+        local = next((f for f in facts if f.local), None)
+        snapshot = Snapshot(local=local, peers=tuple(f for f in facts if not f.local),
+                            now_ms=now_ms)
+        request = RequestFacts(model=model, max_tokens=max_tokens, prompt_tokens=prompt_tokens)
+        decision = decide(fastest, request, snapshot, "fastest")
+        out = ([self._nodes[pid] for pid in decision.candidates]
+               if isinstance(decision, Ranked) else [])
+        self.seconds += time.perf_counter() - started
+        self.decisions += 1
+        self.places += len(places)
+        return out
+
+    def expected_ms(self, model: str, max_tokens: int, place: Place) -> float:
+        """The policy's own estimate of when a request would be done at ``place``."""
+        return expected_ms(self.facts(model, place),
+                           RequestFacts(model=model, max_tokens=max_tokens))
+
+
+def pool(self_key: int, candidates: Sequence[tuple[int, int, float]], size: int) -> list[int]:
+    """The pure pool draw (node indices)."""
+    return sampling.pool(self_key, candidates, size)
+
+
+def pick(salt: int, candidates: Sequence[tuple[int, int, float]], k: int) -> list[int]:
+    """The pure per-request draw (node indices)."""
+    return sampling.pick(salt, candidates, k)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def priorities(salt: int, keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`sampling.priority` for many peers (``keys`` uint64, ``weights`` float)."""
+    h = _splitmix(np.uint64(salt) ^ _splitmix(keys))
+    u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    with np.errstate(divide="ignore"):
+        return np.where(weights > 0, -np.log(u) / weights, np.inf)
+
+
+def pool_many(salt: int, keys: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+    """Positions of the ``size`` smallest priorities, best-first (= :func:`pool`)."""
+    pr = priorities(salt, keys, weights)
+    finite = int(np.isfinite(pr).sum())
+    size = min(size, finite)
+    if size <= 0:
+        return np.empty(0, dtype=np.int64)
+    if size < len(pr):
+        part = np.argpartition(pr, size - 1)[:size]
+    else:
+        part = np.arange(len(pr))
+    order = np.lexsort((keys[part], pr[part]))
+    return part[order]

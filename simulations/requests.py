@@ -1,0 +1,584 @@
+"""Requests: from arrival at an entry node to exactly one outcome.
+
+A request enters at a node (a user's own node), which plans where to run it:
+
+* ``flood`` design: the places are this node and every peer whose advert it holds, alive or
+  suspect, as ``Mesh.peers`` offers them (an advert's age is exact: it was published at a
+  known time and reached this node over the mesh); the policy ranks them all;
+* ``sample`` design: this node keeps a *pool* of ``routing.pool`` peers per model
+  (``rbee_p2p.routing.sampling.pool``: a speed-weighted sample salted with its own id),
+  picks ``routing.probes`` of them (``sampling.pick``, weighted by trust squared; suspect
+  peers wait ``suspect_retry_s``), asks each for its current advert, and once
+  ``probe_quorum`` of them answered (at most ``probe_wait_s``) ranks itself and the peers
+  that answered, with the measured round trip as their latency.
+
+Then, like ``Dispatcher.start``, it tries the ranked places in order: a full queue answers
+"busy" (next place), a vanished peer fails after the connect timeout (the peer becomes
+suspect, next place); when the list is exhausted it plans again after a backoff, up to
+``max_rounds``.  With ``admission = "deadline"`` the job carries a deadline derived from the
+policy's estimate for the chosen place, and the executor refuses it when its own estimate
+ends later (someone else's job got there first).  A crashed executor is noticed
+``crash_detect_s`` later and a result cut off by a partition after ``stream_timeout_s``;
+both retry; a request not done ``deadline_s`` after arrival fails.  Malicious peers: a
+dropper accepts and never answers (the requester gives up after ``drop_timeout_s``), a
+garbage peer answers at once with junk (a spot check catches it with ``detect_garbage``), a
+liar claims ``speed_lie`` x its speed and an empty queue.  What the requester observes feeds
+its reputation standings (``rbee_p2p.routing.reputation``).
+
+Non-observer nodes keep their view compactly: a dict of peers they saw fail (with the
+states of ``PeerTable.TRANSITIONS``), the flood adverts by (publish time + mesh delay).
+Observers use their real ``PeerTable``.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rbee_p2p.protocol.messages import CapabilityAdvert
+from rbee_p2p.protocol.peers import TRANSITIONS, PeerState
+
+from . import policy
+from .hardware import MODELS
+from .policy import Place, Standing
+
+if TYPE_CHECKING:
+    from .swarm import Swarm
+
+__all__ = ["Requests", "PROBE_BYTES", "REPLY_OVERHEAD"]
+
+PROBE_BYTES = 120  # a new stream: multistream-select + yamux + noise framing
+REPLY_OVERHEAD = 60  # length prefix + yamux + noise around the advert envelope
+FLOOD_SUSPECT_S = 3.0  # mesh/service.py: suspect_after_s
+FLOOD_DEAD_S = 8.0  # mesh/service.py: dead_after_s
+ALIVE, SUSPECT, DEAD = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD
+
+
+class Req:
+    __slots__ = ("rid", "entry", "model", "round", "token", "ranked", "next", "probe_t",
+                 "replies", "claims", "places", "target", "job_token", "arrived", "started",
+                 "sent", "deadline")
+
+    def __init__(self, rid: int, entry: int, model: int) -> None:
+        self.rid, self.entry, self.model = rid, entry, model
+        self.round = 0
+        self.token = 0  # bumped per attempt: events of older attempts are ignored
+        self.ranked: list[int] = []
+        self.next = 0
+        self.probe_t = 0.0
+        self.replies: list[tuple[int, CapabilityAdvert, float, float]] = []
+        self.claims: dict[int, tuple[float, float]] = {}  # node -> (speed, wait ms) claimed
+        self.places: dict[int, Place] = {}
+        self.deadline = 0.0
+        self.target = -1
+        self.job_token = -1
+        self.arrived = 0.0  # when the job reached its executor
+        self.started = 0.0
+        self.sent = 0.0
+
+
+class Requests:
+    def __init__(self, swarm: Swarm) -> None:
+        s = self.s = swarm
+        self.loop, self.net, self.m, self.tr = s.loop, s.net, s.m, s.world.trace
+        self.r = s.sc.routing
+        self.router = policy.Router(s.wire.peer_ids)
+        self.active: dict[int, Req] = {}
+        self.by_entry: list[dict[int, None]] = [{} for _ in range(s.n)]
+        self.next_arrival = 0
+        self.suspect: list[dict[int, tuple[PeerState, float]]] = [{} for _ in range(s.n)]
+        self.standing: list[dict[int, Standing]] = [{} for _ in range(s.n)]
+        self.keys = [policy.peer_key(pid) for pid in s.wire.peer_ids]
+        self.keys_np = np.array(self.keys, dtype=np.uint64)
+        self.claim_np = np.array(s.claim_speed)
+        self.pools: dict[tuple[int, int], tuple[tuple[int, int], float, list[int]]] = {}
+        self.dists: dict[int, tuple[int, list[float]]] = {}
+        self.model_names = [m.name for m in MODELS]
+
+    # -- arrivals and outcomes ------------------------------------------------------------
+
+    def start(self) -> None:
+        if len(self.tr):
+            self.loop.at(self.tr.time[0], self._arrive, 0)
+        self.loop.at(10.0, self._expire)
+
+    def _expire(self) -> None:
+        """Every 10 s: requests past their deadline fail ('deadline'), as the requester's
+        deadline on the node would end them (up to 10 s late here)."""
+        limit = self.loop.now - self.r.deadline_s
+        for req in [r for r in self.active.values() if self.tr.time[r.rid] <= limit]:
+            self._end(req, False, "deadline")
+        if not self.all_done() or self.loop.now < self.s.sc.duration_s:
+            self.loop.after(10.0, self._expire)
+
+    def all_done(self) -> bool:
+        return self.next_arrival >= len(self.tr) and not self.active
+
+    def _arrive(self, rid: int) -> None:
+        self.next_arrival = rid + 1
+        if rid + 1 < len(self.tr):
+            self.loop.at(self.tr.time[rid + 1], self._arrive, rid + 1)
+        entry = self.tr.entry[rid]
+        req = Req(rid, entry, self.tr.model[rid])
+        self.active[rid] = req
+        self.by_entry[entry][rid] = None
+        if not self.s.alive[entry] or self.s.leaving[entry]:
+            self._end(req, False, "entry_left")
+            return
+        self._plan(req)
+
+    def _end(self, req: Req, ok: bool, reason: str = "") -> None:
+        self.m.end_request(req.rid, self.loop.now, ok, reason)
+        self.active.pop(req.rid, None)
+        self.by_entry[req.entry].pop(req.rid, None)
+        req.token += 1
+
+    def finish_unfinished(self) -> None:
+        """After the drain limit: whatever is left ends as 'unfinished' (should be none)."""
+        for req in list(self.active.values()):
+            self._end(req, False, "unfinished")
+
+    # -- planning -------------------------------------------------------------------------
+
+    def _plan(self, req: Req) -> None:
+        req.round += 1
+        req.token += 1
+        if self.s.flood_mode:
+            self._rank_and_try(req, self._flood_places(req))
+        else:
+            self._probe(req)
+
+    def _replan(self, req: Req, token: int) -> None:
+        if token == req.token:
+            self._plan(req)
+
+    def _local_place(self, req: Req) -> list[Place]:
+        s, e = self.s, req.entry
+        if s.model[e] != req.model or s.leaving[e]:
+            return []
+        return [Place(e, True, s.speed[e], len(s.queue[e]), 1 if s.running[e] >= 0 else 0,
+                      s.max_queue)]
+
+    def _rank_and_try(self, req: Req, places: list[Place]) -> None:
+        tr = self.tr
+        req.ranked = self.router.rank(self.model_names[req.model], tr.max_tokens[req.rid],
+                                      tr.prompt[req.rid], places, self.loop.now_ms())
+        req.claims = {p.node: (p.tokens_per_s, (p.queue_depth + p.active_jobs) *
+                               tr.max_tokens[req.rid] / max(p.tokens_per_s, 1e-9) * 1000.0)
+                      for p in places}
+        req.places = {p.node: p for p in places}
+        self._try(req, 0)
+
+    def _speed(self, e: int, node: int, claimed: float) -> tuple[float, float, float]:
+        """(speed to plan with, trust, expected ms lost to failures) for a peer, after what
+        this node's jobs there showed (reputation)."""
+        if not self.r.reputation:
+            return claimed, 1.0, 0.0
+        st = self.standing[e].get(node)
+        if st is None:
+            return claimed, 1.0, 0.0
+        return (policy.effective_speed(st, claimed), policy.trust(st),
+                policy.failure_penalty_ms(st, self.s.sc.malicious.drop_timeout_s * 1000.0))
+
+    # -- the flood design ---------------------------------------------------------------
+
+    def _dist(self, e: int) -> list[float]:
+        cached = self.dists.get(e)
+        if cached is None or cached[0] != self.s.mesh.version:
+            size = self.s.advert_size[e]
+            cached = (self.s.mesh.version, self.s.mesh.distances_to(e, size).tolist())
+            self.dists[e] = cached
+        return cached[1]
+
+    def _flood_places(self, req: Req) -> list[Place]:
+        s, e, now = self.s, req.entry, self.loop.now
+        places = self._local_place(req)
+        if e in s.tables:
+            table_places = self._table_places(req)
+            if s.sc.sim.check_views:
+                self._compare([p.node for p in table_places],
+                              [p.node for p in self._history_places(req)])
+            return places + table_places
+        return places + self._history_places(req)
+
+    def _compare(self, real: list[int], compact: list[int]) -> None:
+        """Count how far an observer's real view and the compact one differ (Jaccard)."""
+        a, b = set(real), set(compact)
+        union = len(a | b)
+        self.m.counters["view_checks"] += 1
+        if union:
+            self.m.counters["view_mismatch_permille"] += round(1000 * (1 - len(a & b) / union))
+
+    def _history_places(self, req: Req) -> list[Place]:
+        """The flood view of a non-observer: each peer's newest advert that has reached
+        this node over the mesh, unless older than the PeerTable's suspect limit or
+        older than a failure seen since."""
+        s, e, now = self.s, req.entry, self.loop.now
+        places: list[Place] = []
+        dist, suspect = self._dist(e), self.suspect[e]
+        ages = 0.0
+        for p in s.members[req.model]:
+            times = s.hist_t[p]
+            if p == e or not times or dist[p] == math.inf:
+                continue
+            i = bisect_right(times, now - dist[p]) - 1
+            if i < 0:
+                continue
+            received = times[i] + dist[p]
+            if now - received > FLOOD_DEAD_S:
+                continue  # DEAD: not offered
+            failed = suspect.get(p)
+            state = "suspect" if now - received > FLOOD_SUSPECT_S or (
+                failed is not None and failed[1] >= received) else "alive"
+            advert = s.hist_a[p][i]
+            if not advert.models:
+                continue
+            speed, trust, penalty = self._speed(e, p, advert.models[0].tokens_per_s)
+            places.append(Place(p, False, speed, advert.queue_depth, advert.active_jobs,
+                                advert.max_queue, penalty, trust, state))
+            ages += now - times[i]
+        if self.m.in_window(now) and places:
+            self.m.staleness.append(ages / len(places))
+        return places
+
+    def _table_places(self, req: Req) -> list[Place]:
+        """An observer's places, straight from its real PeerTable: every peer not DEAD,
+        suspect ones included (as Mesh.peers)."""
+        s, e = self.s, req.entry
+        name = self.model_names[req.model]
+        out = []
+        for entry in s.tables[e].peers.values():
+            if entry.state is DEAD:
+                continue
+            advert = entry.advert
+            for model in advert.models:
+                if model.name == name:
+                    node = s.wire.index[entry.peer_id]
+                    speed, trust, penalty = self._speed(e, node, model.tokens_per_s)
+                    out.append(Place(node, False, speed, advert.queue_depth,
+                                     advert.active_jobs, advert.max_queue, penalty, trust,
+                                     entry.state.value))
+        return out
+
+    # -- the sample design --------------------------------------------------------------
+
+    def _pool(self, e: int, m: int) -> list[int]:
+        """This node's pool for model m (cached until membership changes or a pending
+        join reaches it)."""
+        s, now = self.s, self.loop.now
+        version = (s.members_version[m], s.pending_version)
+        cached = self.pools.get((e, m))
+        if cached is not None and cached[0] == version and now < cached[1]:
+            return cached[2]
+        if e in s.tables:
+            pool, expiry = self._table_pool(e, m), math.inf
+            if s.sc.sim.check_views:
+                self._compare(pool, self._model_pool(e, m)[0])
+        else:
+            pool, expiry = self._model_pool(e, m)
+        self.pools[(e, m)] = (version, expiry, pool)
+        return pool
+
+    def _model_pool(self, e: int, m: int) -> tuple[list[int], float]:
+        s, now = self.s, self.loop.now
+        members = np.array(s.members[m], dtype=np.int64)
+        if members.size == 0:
+            return [], math.inf
+        weights = self.claim_np[members] if self.r.pool_by_speed else np.ones(members.size)
+        weights = weights.copy()
+        weights[members == e] = 0.0
+        expiry = math.inf
+        joined_e = s.world.join[e]
+        for p, heard in s.pending_heard.items():
+            if s.model[p] == m and s.world.join[p] > joined_e and heard[e] > now:
+                weights[members == p] = 0.0  # not heard of yet
+                expiry = min(expiry, float(heard[e]))
+        chosen = policy.pool_many(self.keys[e], self.keys_np[members], weights, self.r.pool)
+        return members[chosen].tolist(), expiry
+
+    def _table_pool(self, e: int, m: int) -> list[int]:
+        s = self.s
+        name = self.model_names[m]
+        candidates = []
+        for entry in s.tables[e].peers.values():
+            if entry.state is DEAD:
+                continue
+            for model in entry.advert.models:
+                if model.name == name:
+                    node = s.wire.index[entry.peer_id]
+                    weight = model.tokens_per_s if self.r.pool_by_speed else 1.0
+                    candidates.append((node, self.keys[node], weight))
+        return policy.pool(self.keys[e], candidates, self.r.pool)
+
+    def _excluded(self, e: int, c: int, now: float) -> bool:
+        """Suspect peers wait ``suspect_retry_s`` before being probed again; dead ones are
+        not probed."""
+        s = self.s
+        if e in s.tables:
+            entry = s.tables[e].peers.get(s.wire.peer_ids[c])
+            if entry is None or entry.state is ALIVE:
+                return False
+            if entry.state is DEAD:
+                return True
+            return self.loop.now_ms() - entry.changed_ms < self.r.suspect_retry_s * 1000
+        failed = self.suspect[e].get(c)
+        if failed is None:
+            return False
+        return failed[0] is DEAD or now - failed[1] < self.r.suspect_retry_s
+
+    def _probe(self, req: Req) -> None:
+        s, e, now, net = self.s, req.entry, self.loop.now, self.net
+        candidates = []
+        for c in self._pool(e, req.model):
+            if not self._excluded(e, c, now):
+                speed, trust, _ = self._speed(e, c, s.claim_speed[c])
+                weight = trust * trust  # distrust must bite even when half the pool is probed
+                candidates.append((c, self.keys[c], speed * weight if self.r.probe_by_speed
+                                   else weight))
+        salt = policy.peer_key(req.rid.to_bytes(8, "big") + bytes([req.round & 255]))
+        chosen = policy.pick(salt, candidates, self.r.probes)
+        req.replies, req.probe_t = [], now
+        replies: list[tuple[float, float, int]] = []  # (answer back, probe there, peer)
+        for c in chosen:
+            if not s.alive[c] or not net.reachable(e, c):
+                self.loop.after(self.r.dead_after_s, self._probe_lost, e, c, now)
+                continue
+            there = net.delay(e, c, PROBE_BYTES)
+            back = net.delay(c, e, s.advert_size[c] + REPLY_OVERHEAD)
+            replies.append((now + there + back, now + there, c))
+            size = PROBE_BYTES + s.advert_size[c] + REPLY_OVERHEAD
+            self.m.add_bin("probe_bytes", now, size)
+            if self.m.in_window(now):
+                self.m.bytes["probes"] += size
+        # decide once a quorum of the probed has answered, or at the probe deadline
+        needed = math.ceil(self.r.probe_quorum * len(chosen))
+        replies.sort()
+        decide = now + self.r.probe_wait_s
+        if needed == 0:
+            decide = now
+        elif len(replies) >= needed:
+            decide = min(decide, replies[needed - 1][0])
+        for reply_at, there_at, c in replies:
+            if reply_at > decide:
+                break  # answers after the decision change nothing: not simulated
+            self.loop.at(there_at, self._probe_read, req, req.token, c, reply_at)
+        self.loop.at(decide, self._decide, req, req.token)
+
+    def _probe_read(self, req: Req, token: int, c: int, reply_at: float) -> None:
+        if token != req.token:
+            return
+        s = self.s
+        if not s.alive[c] or not self.net.reachable(req.entry, c):
+            self.loop.at(req.probe_t + self.r.dead_after_s, self._probe_lost, req.entry, c,
+                         req.probe_t)
+            return
+        advert = s.advert_now(c, serving=not s.leaving[c])
+        req.replies.append((c, advert, reply_at, self.loop.now))
+
+    def _probe_lost(self, e: int, c: int, sent: float) -> None:
+        if self.s.alive[e]:
+            self._suspect(e, c)
+
+    def _decide(self, req: Req, token: int) -> None:
+        if token != req.token:
+            return
+        s, e, now = self.s, req.entry, self.loop.now
+        places = self._local_place(req)
+        for c, advert, reply_at, read_at in req.replies:
+            if reply_at > now:
+                continue  # too slow: decided without it
+            self._revive(e, c, advert, read_at)
+            if not advert.models:
+                continue
+            speed, trust, penalty = self._speed(e, c, advert.models[0].tokens_per_s)
+            places.append(Place(c, False, speed, advert.queue_depth, advert.active_jobs,
+                                advert.max_queue, (reply_at - req.probe_t) * 1000.0 + penalty,
+                                trust))
+            if self.m.in_window(now):
+                self.m.staleness.append(now - read_at)
+        self._rank_and_try(req, places)
+
+    # -- views: suspicion ---------------------------------------------------------------
+
+    def _suspect(self, e: int, c: int) -> None:
+        s = self.s
+        if e in s.tables:
+            s.tables[e].report_failure(s.wire.peer_ids[c], self.loop.now_ms())
+            return
+        state = self.suspect[e].get(c, (ALIVE, 0.0))[0]
+        self.suspect[e][c] = (TRANSITIONS[(state, "failure")], self.loop.now)
+
+    def _revive(self, e: int, c: int, advert: CapabilityAdvert, read_at: float) -> None:
+        s = self.s
+        if e in s.tables:
+            sent_ms = s.loop.now_ms() - int((self.loop.now - read_at) * 1000)
+            s.table_apply(e, c, advert, sent_ms)
+        else:
+            self.suspect[e].pop(c, None)  # TRANSITIONS[(any, "advert")] is ALIVE
+
+    # -- trying places ------------------------------------------------------------------
+
+    def _try(self, req: Req, index: int) -> None:
+        s, e, tr = self.s, req.entry, self.tr
+        while index < len(req.ranked):
+            target = req.ranked[index]
+            index += 1
+            req.token += 1
+            req.target, req.next = target, index
+            self.m.tries[req.rid] += 1
+            if self.m.first[req.rid] < 0:
+                self.m.first[req.rid], self.m.first_time[req.rid] = target, self.loop.now
+            if target == e:
+                req.job_token, req.arrived, req.sent = req.token, self.loop.now, self.loop.now
+                if s.accept(e, req.rid):
+                    return
+                continue
+            req.sent = self.loop.now
+            if self.r.admission == "deadline":
+                expected = self.router.expected_ms(self.model_names[req.model],
+                                                   tr.max_tokens[req.rid], req.places[target])
+                req.deadline = self.loop.now + expected / 1000.0 * (1 + self.r.deadline_slack)
+            if not s.alive[target] or not self.net.reachable(e, target):
+                self.loop.after(self.r.connect_timeout_s, self._job_failed, req, req.token,
+                                "unreachable")
+                return
+            size = 4 * tr.prompt[req.rid] + 300
+            self.loop.after(self.net.delay(e, target, size), self._job_arrive, req, req.token,
+                            target)
+            return
+        if req.round >= self.r.max_rounds:
+            self._end(req, False, "busy" if req.ranked else "no_place")
+            return
+        self.loop.after(self.r.backoff_s, self._replan, req, req.token)
+
+    def _job_arrive(self, req: Req, token: int, node: int) -> None:
+        if token != req.token:
+            return
+        s, e = self.s, req.entry
+        if not s.alive[node] or not self.net.reachable(e, node):
+            self.loop.after(self.r.connect_timeout_s, self._job_failed, req, token,
+                            "unreachable")
+            return
+        kind = s.bad[node]
+        if kind == "dropper":
+            self.loop.at(req.sent + s.sc.malicious.drop_timeout_s, self._job_failed, req, token,
+                         "dropped")
+            return
+        if kind == "garbage":
+            back = self.net.delay(node, e, 4 * self.tr.output[req.rid] + 400)
+            self.loop.after(0.05 + back, self._garbage, req, token, node)
+            return
+        req.job_token, req.arrived = token, self.loop.now
+        if self.r.admission == "deadline" and kind is None and self._late(req, node):
+            self.m.counters["refused_deadline"] += 1
+            self.loop.after(self.net.owd(node, e), self._busy, req, token)
+            return
+        if not s.accept(node, req.rid):
+            self.loop.after(self.net.owd(node, e), self._busy, req, token)
+
+    def _late(self, req: Req, node: int) -> bool:
+        """The executor's side of deadline admission: its own estimate (the same policy
+        formula, on its true queue and measured speed) ends after the request's deadline."""
+        s = self.s
+        own = Place(node, True, s.speed[node], len(s.queue[node]),
+                    1 if s.running[node] >= 0 else 0, s.max_queue)
+        expected = self.router.expected_ms(self.model_names[req.model],
+                                           self.tr.max_tokens[req.rid], own)
+        return self.loop.now + expected / 1000.0 > req.deadline
+
+    def _busy(self, req: Req, token: int) -> None:
+        if token != req.token:
+            return
+        if self.r.reputation and req.target != req.entry:
+            st = self.standing[req.entry].get(req.target, Standing())
+            self.standing[req.entry][req.target] = policy.after_refusal(st)
+        self._try(req, req.next)
+
+    def _job_failed(self, req: Req, token: int, reason: str) -> None:
+        if token != req.token:
+            return
+        e, target = req.entry, req.target
+        self.m.retried += 1
+        self.m.counters[f"failed_{reason}"] += 1
+        if self.s.bad[target] is not None:
+            self.m.malicious_failures[req.rid] += 1
+        self._suspect(e, target)
+        self._observe_failure(e, target)
+        self._try(req, req.next)
+
+    def _garbage(self, req: Req, token: int, node: int) -> None:
+        if token != req.token:
+            return
+        self.m.malicious_failures[req.rid] += 1
+        if self.s.rng.random() < self.s.sc.malicious.detect_garbage:
+            self.m.retried += 1
+            self.m.counters["failed_garbage_detected"] += 1
+            self._observe_failure(req.entry, node)
+            self._try(req, req.next)
+            return
+        self.m.garbage[req.rid] = True
+        self.m.executor[req.rid] = node
+        self._end(req, True)
+
+    # -- executor callbacks (from swarm.py) -----------------------------------------------
+
+    def job_started(self, rid: int, node: int) -> None:
+        req = self.active.get(rid)
+        if req is not None and req.target == node:
+            req.started = self.loop.now
+
+    def job_finished(self, rid: int, node: int, decode: float) -> None:
+        req = self.active.get(rid)
+        if req is None or req.target != node or req.job_token != req.token:
+            return  # abandoned work (its requester gave up or left)
+        if node == req.entry:
+            self._complete(req, node, decode)
+            return
+        if not self.net.reachable(node, req.entry):
+            self.loop.after(self.r.stream_timeout_s, self._job_failed, req, req.token, "cut")
+            return
+        back = self.net.delay(node, req.entry, 4 * self.tr.output[req.rid] + 400)
+        self.loop.after(back, self._result, req, req.token, node, decode)
+
+    def _result(self, req: Req, token: int, node: int, decode: float) -> None:
+        if token == req.token:
+            self._complete(req, node, decode)
+
+    def _complete(self, req: Req, node: int, decode: float) -> None:
+        self.m.executor[req.rid] = node
+        self.m.dispatched[req.rid] = req.sent
+        if self.r.reputation and node != req.entry:
+            claimed_speed, claimed_wait = req.claims.get(node, (0.0, 0.0))
+            measured = self.tr.output[req.rid] / decode if decode > 0 else 0.0
+            st = self.standing[req.entry].get(node, Standing())
+            self.standing[req.entry][node] = policy.after_job(
+                st, claimed_tokens_per_s=claimed_speed, measured_tokens_per_s=measured,
+                claimed_wait_ms=claimed_wait,
+                observed_wait_ms=(req.started - req.arrived) * 1000.0)
+        self._end(req, True)
+
+    def _observe_failure(self, e: int, node: int) -> None:
+        if self.r.reputation:
+            st = self.standing[e].get(node, Standing())
+            self.standing[e][node] = policy.after_failure(st)
+
+    def executor_gone(self, node: int, jobs: list[int]) -> None:
+        """An executor vanished: requesters whose job was there notice shortly."""
+        for rid in jobs:
+            req = self.active.get(rid)
+            if req is not None and req.target == node:
+                delay = self.net.owd(node, req.entry) + self.r.crash_detect_s
+                self.loop.after(delay, self._job_failed, req, req.token, "crashed")
+
+    def entry_gone(self, node: int) -> None:
+        """The entry node left: its user's requests in flight end there."""
+        for rid in list(self.by_entry[node]):
+            req = self.active.get(rid)
+            if req is not None:
+                self._end(req, False, "entry_left")
+
+    def partition_changed(self) -> None:
+        self.dists.clear()
