@@ -103,6 +103,9 @@ class NodeConfig:
     advert_interval: float = 1.0  # seconds between adverts when nothing changes
     suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
     dead_after: float = 8.0  # ... and dead (dropped from routing)
+    advert_budget: float = 20.0  # large swarms: reminders per second for the whole swarm
+    probe_above: int = 32  # more peers than this serve a model: sample and probe their load
+    probes: int = 8  # candidates probed per request then
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
     audit_retention_days: float | None = None  # prune older audit records; None: keep all
     # -- routing --
@@ -171,7 +174,7 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int,
             "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
-            "dead_after": float,
+            "dead_after": float, "advert_budget": float, "probe_above": int, "probes": int,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
             "memory_headroom": float, "audit_retention_days": float,
             "policy": str, "policy_timeout_ms": int}

@@ -85,6 +85,11 @@ class Remote(Protocol):
         """What the live peers advertise (alive ones, then suspect ones)."""
         ...
 
+    async def candidates(self, model: str, modality: str) -> tuple[PeerFacts, ...]:
+        """The peers to rank for ``model``: all live ones, or in a large swarm a few
+        sampled and probed for their current load."""
+        ...
+
     def serves(self, model: str) -> bool: ...
 
     async def start(self, peer_id: str, call: ChatCall, kind: Kind, stamp: Stamp) -> Job:
@@ -203,7 +208,8 @@ class Dispatcher:
         if engine is not None and engine.card.name != facts.model:  # an alias
             facts = dataclasses.replace(facts, model=engine.card.name)
         local = self.local_facts(engine) if engine is not None else None
-        peers = self.remote.peers() if self.remote is not None else ()
+        peers = await self.remote.candidates(facts.model, facts.modality) \
+            if self.remote is not None else ()
         if local is None and not (self.remote is not None and self.remote.serves(facts.model)):
             self.scheduler.lookup(facts.model)  # raises ModelNotFound with the usual message
         decision = await self.router(facts, Snapshot(local, peers, int(time.time() * 1000)))

@@ -162,6 +162,7 @@ class Node:
             mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,
             jurisdiction=c.jurisdiction, advert_interval_s=c.advert_interval,
             suspect_after_s=c.suspect_after, dead_after_s=c.dead_after,
+            advert_budget=c.advert_budget, probe_above=c.probe_above, probes=c.probes,
             mdns_interfaces=c.mdns_interfaces)
         self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
         self.dispatcher.remote = self.mesh

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -23,18 +24,25 @@ from ..protocol.envelope import Verifier, seal
 from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
+from ..protocol.cadence import CEILING_MS, liveness_limits_ms, membership_interval_ms
 from ..protocol.peers import PeerState, PeerTable
 from ..errors import Forbidden
+from ..routing.sampling import peer_key, pick, pool
 from ..routing import (DeviceFacts, ModelFacts, PeerFacts, Policy, Rejected, RequestFacts,
                        Snapshot, decide, fastest, least_loaded)
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
-from .frames import end_quietly
+from .frames import FrameStream, end_quietly
 from .host import build_host, check_ports_free, psk_from_secret
 
-__all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key"]
+__all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key", "PROBE_ID",
+           "reminder_interval_s", "liveness_s"]
 
 log = logging.getLogger(__name__)
+
+
+PROBE_ID = "/rbee/probe/1.0.0"
+"""A stream on which a peer writes its current sealed advert (its load, now) and closes."""
 
 
 def advert_topic(swarm: str) -> str:
@@ -61,6 +69,12 @@ class MeshConfig:
     suspect_after_s: float = 3.0
     dead_after_s: float = 8.0
     mdns_interfaces: tuple[str, ...] = ()  # empty: all
+    # large swarms (see simulations/README.md): reminders paced to a swarm-wide budget, load
+    # not flooded but probed from a few sampled candidates per request
+    advert_budget: float = 20.0  # reminders per second for the whole swarm
+    probe_above: int = 32  # more peers than this serve a model: sample and probe
+    probes: int = 8  # candidates probed per request
+    probe_timeout_s: float = 0.25
     timing: Timing = field(default_factory=Timing)
 
 
@@ -77,6 +91,21 @@ class LocalInfo:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def reminder_interval_s(config: MeshConfig, known_peers: int) -> float:
+    """Seconds between this node's advert reminders: ``advert_interval`` in a small swarm,
+    longer as it grows so the whole swarm sends about ``advert_budget`` a second."""
+    floor = int(config.advert_interval_s * 1000)
+    return membership_interval_ms(known_peers, budget_per_s=config.advert_budget,
+                                  floor_ms=floor, ceiling_ms=max(floor, CEILING_MS)) / 1000
+
+
+def liveness_s(config: MeshConfig, interval_s: float) -> tuple[float, float]:
+    """(suspect_after, dead_after): as configured, or longer when reminders are sparser
+    (suspect after three missed reminders, dead after six)."""
+    suspect, dead, _ = liveness_limits_ms(int(interval_s * 1000))
+    return max(config.suspect_after_s, suspect / 1000), max(config.dead_after_s, dead / 1000)
 
 
 class Mesh:
@@ -104,6 +133,9 @@ class Mesh:
         self._facts: dict[bytes, tuple[tuple[int, PeerState], PeerFacts]] = {}
         self._ids: dict[str, bytes] = {}
         self._change = trio.Event()
+        self.probes = {"sent": 0, "answered": 0, "failed": 0}
+        self._keys: dict[str, int] = {}  # peer id -> sampling key
+        self._pools: dict[str, tuple[float, set[str]]] = {}  # model -> (drawn at, peer ids)
 
     # -- running ------------------------------------------------------------------------
 
@@ -128,6 +160,7 @@ class Mesh:
         self.pubsub = pubsub = Pubsub(host, router, strict_signing=True)
         async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in cfg.listen]):
             host.set_stream_handler(PROTOCOL_ID, self._on_stream)
+            host.set_stream_handler(PROBE_ID, self._on_probe)
             async with background_trio_service(pubsub), background_trio_service(router):
                 await pubsub.wait_until_ready()
                 subscription = await pubsub.subscribe(advert_topic(cfg.swarm))
@@ -180,29 +213,50 @@ class Mesh:
         """What we offer changed (load, models): advertise it soon."""
         self._change.set()
 
+    def _sealed_advert(self) -> bytes:
+        _, dead = liveness_s(self.config, reminder_interval_s(self.config, len(self.table.peers)))
+        return seal(self.key, self._advert(), now_ms=now_ms(),
+                    ttl_ms=min(int(dead * 1000) + 5000, 600_000))
+
+    def _membership(self) -> tuple[Any, ...]:
+        """What a large swarm floods at once: where we are and what we serve (not load)."""
+        return (tuple(self.addrs()), tuple((m.name, m.digest, m.modality)
+                                           for m in self.local().models))
+
     async def _publish_adverts(self) -> None:
-        """Every ``advert_interval``, and 0.1-0.25 s after a change in what we offer (at most
-        4 a second: GossipSub drops bursts above 10/s per peer and topic)."""
+        """Reminders every ``reminder_interval_s`` (``advert_interval`` in a small swarm),
+        and 0.1-0.25 s after a change in what we offer (at most 4 a second: GossipSub drops
+        bursts above 10/s per peer and topic).  In a swarm too large to flood load (more
+        peers than ``probe_above``) only membership changes are sent at once; routing probes
+        a few candidates for their load instead."""
         topic = advert_topic(self.config.swarm)
         last_sent = -1e9
+        sent: tuple[Any, ...] = ()
         while True:
             wait = last_sent + 0.25 - trio.current_time()
             if wait > 0:
                 await trio.sleep(wait)
-            data = seal(self.key, self._advert(), now_ms=now_ms(),
-                        ttl_ms=int(self.config.dead_after_s * 1000) + 5000)
+            data = self._sealed_advert()
             try:
                 await self.pubsub.publish(topic, data)
             except Exception as exc:
                 log.debug("advert publish failed: %s", exc)
-            last_sent = trio.current_time()
-            with trio.move_on_after(self.config.advert_interval_s) as idle:
-                await self._change.wait()
+            last_sent, sent = trio.current_time(), self._membership()
+            while True:
+                known = len(self.table.peers)
+                interval = reminder_interval_s(self.config, known)
+                self.table.suspect_after_ms, self.table.dead_after_ms = (
+                    int(x * 1000) for x in liveness_s(self.config, interval))
+                with trio.move_on_at(last_sent + interval) as idle:
+                    await self._change.wait()
+                self._change = trio.Event()
+                if idle.cancelled_caught or known <= self.config.probe_above or \
+                        self._membership() != sent:
+                    break
             if not idle.cancelled_caught:
                 # debounce: one advert for a burst of changes, sent after the request that
                 # caused it has its first token (no CPU taken from its prompt processing)
                 await trio.sleep(0.1)
-            self._change = trio.Event()
 
     async def _receive_adverts(self, subscription: Any) -> None:
         async for message in subscription:
@@ -330,6 +384,84 @@ class Mesh:
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
         return (*alive, *suspect)
+
+    async def candidates(self, model: str, modality: str = "text") -> tuple[PeerFacts, ...]:
+        """The peers routing considers for ``model``: all of them in a small swarm; in a
+        large one (more than ``probe_above`` serve it) a few drawn from a weighted sample
+        kept per node, probed for their current advert (load) — the "power of d choices".
+        Returns once half of the probes answered or ``probe_timeout_s`` passed."""
+        everyone = self.peers()
+        serving = [p for p in everyone if p.serves(model, modality)]
+        cfg = self.config
+        if len(serving) <= cfg.probe_above:
+            return everyone
+        keep = self._pool(model, serving)
+        chosen = pick(peer_key(os.urandom(8)), [w for w in self._weighted(model, serving)
+                                                if w[0].id in keep], cfg.probes)
+        answered: list[str] = []
+        with trio.move_on_after(cfg.probe_timeout_s):
+            async with trio.open_nursery() as nursery:
+                async def probe(peer: PeerFacts) -> None:
+                    if await self._probe(self.peer_bytes(peer.id)):
+                        answered.append(peer.id)
+                        if 2 * len(answered) >= len(chosen):
+                            nursery.cancel_scope.cancel()
+
+                for peer in chosen:
+                    nursery.start_soon(probe, peer)
+        wanted = set(answered) or {p.id for p in chosen}
+        return tuple(p for p in self.peers() if p.id in wanted)
+
+    def _weighted(self, model: str,
+                  peers: list[PeerFacts]) -> list[tuple[PeerFacts, int, float]]:
+        """(peer, its sampling key, its weight: advertised speed, less when suspect)."""
+        out = []
+        for p in peers:
+            key = self._keys.get(p.id)
+            if key is None:
+                key = self._keys[p.id] = peer_key(self.peer_bytes(p.id))
+            out.append((p, key, p.speed(model) * (1.0 if p.state == "alive" else 0.25)))
+        return out
+
+    def _pool(self, model: str, serving: list[PeerFacts]) -> set[str]:
+        """The peers this node keeps for ``model`` (4 x probes of them): a weighted sample
+        salted with our own id, so each node keeps its own; redrawn every 5 s at most."""
+        now = trio.current_time()
+        cached = self._pools.get(model)
+        if cached is None or now - cached[0] > 5.0:
+            drawn = pool(peer_key(self.key.peer_id), self._weighted(model, serving),
+                         4 * self.config.probes)
+            cached = self._pools[model] = (now, {p.id for p in drawn})
+        return cached[1]
+
+    async def _probe(self, peer: bytes) -> bool:
+        """Ask ``peer`` for its current advert and apply it.  Never raises."""
+        self.probes["sent"] += 1
+        try:
+            stream = await self.host.new_stream(ID(peer), [PROBE_ID])
+            frames = FrameStream(stream, 64 * 1024)
+            try:
+                raw = await frames.receive()
+            finally:
+                await end_quietly(stream.close)
+            verified = self.verifier.verify(raw, now_ms(), expect=CapabilityAdvert, sender=peer)
+            self.table.apply_advert(verified, now_ms())
+        except Exception as exc:  # cancelled probes are not failures: trio.Cancelled passes
+            self.probes["failed"] += 1
+            log.debug("probe of %s failed: %s", peer_id_to_str(peer)[:16], exc)
+            return False
+        self.probes["answered"] += 1
+        return True
+
+    async def _on_probe(self, stream: Any) -> None:
+        """Answer a probe with our current sealed advert.  Never raises."""
+        try:
+            with trio.fail_after(2):
+                await FrameStream(stream, 64 * 1024).send(self._sealed_advert())
+                await stream.close()
+        except Exception as exc:
+            log.debug("probe answer failed: %s", exc)
+            await end_quietly(stream.reset)
 
     def peer_bytes(self, peer_id: str) -> bytes:
         return self._ids.get(peer_id) or ID.from_base58(peer_id).to_bytes()
@@ -472,6 +604,7 @@ class Mesh:
                 "last_advert_age_s": round(e.age_ms(now) / 1000, 2),
             } for e in self.table.peers.values()],
             "adverts": dict(self.table.counters),
+            "probes": dict(self.probes),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
 

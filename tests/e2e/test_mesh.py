@@ -166,3 +166,26 @@ def test_private_swarm_refuses_outsiders(nodes, tmp_path):
         assert time.monotonic() < deadline, outsider.output()[-2000:]
         time.sleep(0.2)
     assert not outsider.status()["peers"]
+
+
+def test_large_swarm_mode_probes_sampled_candidates_for_their_load(nodes):
+    """With probe_above = 0 the entry node treats every swarm as large: it does not rely on
+    flooded load but probes candidates (/rbee/probe/1.0.0) before each request."""
+    b = nodes("b")
+    c = nodes("c")
+    for node in (b, c):
+        node.wait_ready()
+    a_home = b.log.parent.parent / "a"
+    a_home.mkdir()
+    (a_home / "rbee-node.toml").write_text("probe_above = 0\nprobes = 2\n")
+    a = nodes("a", "--no-default-model", "--peer", b.addr, "--peer", c.addr)
+    a.wait_ready()
+    a.wait_for(knows("smollm2", b.peer_id), 30, "B at A")
+    a.wait_for(knows("smollm2", c.peer_id), 30, "C at A")
+    for _ in range(3):
+        r = sdk(a).chat.completions.create(model="smollm2", messages=HELLO, max_tokens=4)
+        assert r.choices[0].message.content is not None
+    probes = a.status()["probes"]
+    assert probes["sent"] >= 3 and probes["answered"] >= 3, probes
+    served = sum(n.status()["models"][0]["requests_served"] for n in (b, c))
+    assert served == 3

@@ -34,6 +34,9 @@ class FakeRemote:
         return tuple(PeerFacts(id=p, models=(ModelFacts("m", tokens_per_s=tps),), max_queue=16)
                      for p, tps in self.peers_.items())
 
+    async def candidates(self, model, modality):
+        return self.peers()
+
     def serves(self, model):
         return model == "m" and bool(self.peers_)
 
