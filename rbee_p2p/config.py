@@ -103,7 +103,7 @@ class NodeConfig:
     advert_interval: float = 1.0  # seconds between adverts when nothing changes
     suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
     dead_after: float = 8.0  # ... and dead (dropped from routing)
-    advert_budget: float = 20.0  # large swarms: reminders per second for the whole swarm
+    advert_budget: float = 0.5  # large swarms: reminders per second for the whole swarm
     probe_above: int = 32  # more peers than this serve a model: sample and probe their load
     probes: int = 8  # candidates probed per request then
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
