@@ -420,8 +420,12 @@ class RemoteJob:
                  request_raw: bytes, verifier: Verifier, timing: Timing,
                  audit: AuditWriter | None, key: NodeKey, request: InferenceRequest,
                  on_failure: Callable[[bytes], None] | None = None,
-                 stamp: Stamp = Stamp()) -> None:
+                 stamp: Stamp = Stamp(),
+                 on_done: Callable[[RemoteJob], None] | None = None) -> None:
         self.where = peer
+        self.on_done = on_done
+        self.first_at: float | None = None  # when the first text arrived (perf_counter)
+        self.ended_at: float | None = None
         self.stamp = stamp
         self.receipt_sig: bytes | None = None
         self.receipt_raw: bytes | None = None
@@ -439,7 +443,7 @@ class RemoteJob:
         self.receipt: Receipt | None = None
         self.data: list[tuple[str, bytes]] = []  # (label, bytes) of chunks that carry data
         self._first: list[str] | None = None
-        self._started = time.perf_counter()
+        self.started_at = time.perf_counter()
 
     @classmethod
     async def start(cls, peer: bytes, open_stream: OpenStream, call: ChatCall | Order,
@@ -448,7 +452,8 @@ class RemoteJob:
                     max_frame: int = 1 << 20, audit: AuditWriter | None = None,
                     connect_timeout_s: float = 3.0,
                     on_failure: Callable[[bytes], None] | None = None,
-                    stamp: Stamp = Stamp()) -> RemoteJob:
+                    stamp: Stamp = Stamp(),
+                    on_done: Callable[[RemoteJob], None] | None = None) -> RemoteJob:
         """Open the stream, send the request, wait for the first token (or the end).
 
         Raises :class:`PeerUnavailable` for anything that says "try another peer", or the
@@ -476,7 +481,7 @@ class RemoteJob:
             session = InferenceSession(request.request_id, key.peer_id, peer)
             session.observe(key.peer_id, request)
             job = cls(peer, frames, session, raw, verifier, timing, audit, key, request,
-                      on_failure, stamp)
+                      on_failure, stamp, on_done)
             try:
                 await frames.send(raw)
                 job._first = await job._next_batch(accept=True)
@@ -516,6 +521,8 @@ class RemoteJob:
                 if message.data is not None:
                     self.data.append((message.text, message.data))
                 if message.text:
+                    if self.first_at is None:
+                        self.first_at = time.perf_counter()
                     return [message.text]
                 if accept:
                     return []
@@ -556,6 +563,9 @@ class RemoteJob:
                     produced = True
                     yield batch
             outcome = "ok"
+            self.ended_at = time.perf_counter()
+            if self.on_done is not None:
+                self.on_done(self)
         except (StreamGone, PeerUnavailable) as exc:
             name = peer_id_to_str(self.where)[:16]
             if self.on_failure is not None:
@@ -591,5 +601,5 @@ class RemoteJob:
                 jurisdiction=(r.jurisdiction or None) if r else None,
                 tokens_in=r.tokens_in if r else None, tokens_out=r.tokens_out if r else None,
                 ttft_ms=r.ttft_ms if r else None,
-                total_ms=int((time.perf_counter() - self._started) * 1000),
+                total_ms=int((time.perf_counter() - self.started_at) * 1000),
                 receipt=self.receipt_raw if r else None)

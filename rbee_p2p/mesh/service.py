@@ -20,17 +20,19 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from .. import __version__
 from ..api.schemas import ChatCall
 from ..dispatch import Kind, PeerUnavailable, Stamp
+from ..errors import Busy, Forbidden
+from ..protocol.cadence import (BUDGET_PER_S, CEILING_MS, liveness_limits_ms,
+                                membership_interval_ms)
 from ..protocol.envelope import Verifier, seal
 from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
-from ..protocol.cadence import (BUDGET_PER_S, CEILING_MS, liveness_limits_ms,
-                                membership_interval_ms)
 from ..protocol.peers import PeerState, PeerTable
-from ..errors import Forbidden
+from ..routing import (DEFAULT_TOKENS_PER_S, DeviceFacts, ModelFacts, PeerFacts, Policy,
+                       Rejected, RequestFacts, Snapshot, decide, fastest, least_loaded)
+from ..routing.reputation import (Standing, after_failure, after_job, after_refusal,
+                                  effective_speed, failure_penalty_ms, trust)
 from ..routing.sampling import peer_key, pick, pool
-from ..routing import (DeviceFacts, ModelFacts, PeerFacts, Policy, Rejected, RequestFacts,
-                       Snapshot, decide, fastest, least_loaded)
 from ..store.writer import AuditWriter
 from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
 from .frames import FrameStream, end_quietly
@@ -136,11 +138,13 @@ class Mesh:
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self._dial_locks: dict[bytes, trio.Lock] = {}
         # what routing sees of each peer, rebuilt only when its advert or state changes
-        self._facts: dict[bytes, tuple[tuple[int, PeerState], PeerFacts]] = {}
+        self._facts: dict[bytes, tuple[tuple[Any, ...], PeerFacts]] = {}
         self._ids: dict[str, bytes] = {}
         self._change = trio.Event()
         self.probes = {"sent": 0, "answered": 0, "failed": 0}
         self._keys: dict[str, int] = {}  # peer id -> sampling key
+        # what this node saw of each peer's jobs (never gossiped: nothing for a liar to forge)
+        self.standings: dict[bytes, Standing] = {}
         self._pools: dict[str, tuple[float, set[str]]] = {}  # model -> (drawn at, peer ids)
 
     # -- running ------------------------------------------------------------------------
@@ -382,10 +386,12 @@ class Mesh:
         for entry in self.table.peers.values():
             if entry.state is PeerState.DEAD:
                 continue
-            version = (entry.advert.seq, entry.state)
+            standing = self.standings.get(entry.peer_id)
+            version = (entry.advert.seq, entry.state, standing)
             cached = self._facts.get(entry.peer_id)
             if cached is None or cached[0] != version:
-                cached = (version, _facts(entry.peer_id, entry.advert, entry.state.value))
+                cached = (version, _facts(entry.peer_id, entry.advert, entry.state.value,
+                                          standing, self.config.timing.frame_timeout_s))
                 self._facts[entry.peer_id] = cached
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
@@ -426,7 +432,8 @@ class Mesh:
             key = self._keys.get(p.id)
             if key is None:
                 key = self._keys[p.id] = peer_key(self.peer_bytes(p.id))
-            out.append((p, key, p.speed(model) * (1.0 if p.state == "alive" else 0.25)))
+            out.append((p, key, p.speed(model) * p.reputation *
+                        (1.0 if p.state == "alive" else 0.25)))
         return out
 
     def _pool(self, model: str, serving: list[PeerFacts]) -> set[str]:
@@ -530,8 +537,31 @@ class Mesh:
         self._suspect(self.peer_bytes(peer_id))
 
     def _suspect(self, peer_id: bytes) -> None:
+        self.standings[peer_id] = after_failure(self.standings.get(peer_id, Standing()))
         self.table.report_failure(peer_id, now_ms())
         log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
+
+    def _job_done(self, job: RemoteJob) -> None:
+        """Learn from a finished text job: the speed we measured and the wait we saw,
+        against what the peer's advert claimed when we chose it."""
+        entry = self.table.peers.get(job.where)
+        tokens = job.completion.completion_tokens
+        if entry is None or job.first_at is None or job.ended_at is None or tokens <= 8:
+            return
+        advert = entry.advert
+        claimed = next((m.tokens_per_s for m in advert.models if m.name == job.request.model),
+                       0.0)
+        measured = (tokens - 1) / max(job.ended_at - job.first_at, 1e-6)
+        claimed_wait = (advert.queue_depth + advert.active_jobs) * job.request.max_tokens / \
+            (claimed or DEFAULT_TOKENS_PER_S) * 1000
+        self.standings[job.where] = after_job(
+            self.standings.get(job.where, Standing()), claimed_tokens_per_s=claimed,
+            measured_tokens_per_s=measured, claimed_wait_ms=claimed_wait,
+            observed_wait_ms=(job.first_at - job.started_at) * 1000)
+
+    def _refused(self, peer_id: bytes) -> None:
+        """It said it had room, then refused ("busy")."""
+        self.standings[peer_id] = after_refusal(self.standings.get(peer_id, Standing()))
 
     async def _open_stream(self, peer: bytes, fresh: bool) -> Any:
         """A stream for one job: the warm one opened in advance if it is young enough,
@@ -584,9 +614,14 @@ class Mesh:
     async def start(self, peer: str, call: ChatCall, kind: Kind,
                     stamp: Stamp = Stamp()) -> RemoteJob:
         peer_id = self.peer_bytes(peer)
-        job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
-                                    verifier=self.verifier, timing=self.config.timing,
-                                    audit=self.audit, on_failure=self._suspect, stamp=stamp)
+        try:
+            job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
+                                        verifier=self.verifier, timing=self.config.timing,
+                                        audit=self.audit, on_failure=self._suspect, stamp=stamp,
+                                        on_done=self._job_done)
+        except Busy:
+            self._refused(peer_id)
+            raise
         # the peer answered: open the next job's stream now, over the live connection
         # (never while dialling a peer that may be gone: concurrent dials to one peer stall)
         try:
@@ -615,16 +650,21 @@ class Mesh:
         }
 
 
-def _facts(peer_id: bytes, advert: CapabilityAdvert, state: str) -> PeerFacts:
+def _facts(peer_id: bytes, advert: CapabilityAdvert, state: str, standing: Standing | None,
+           timeout_s: float) -> PeerFacts:
+    """What routing sees of a peer: its advert, with the speed it claims discounted by how
+    it kept its word so far, and the time its failures are expected to cost as latency."""
+    s = standing or Standing()
     return PeerFacts(
         id=peer_id_to_str(peer_id),
-        models=tuple(ModelFacts(m.name, m.modality, m.tokens_per_s, m.device)
-                     for m in advert.models),
+        models=tuple(ModelFacts(m.name, m.modality, effective_speed(s, m.tokens_per_s),
+                                m.device) for m in advert.models),
         devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
                       for d in advert.devices),
         queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
         max_queue=advert.max_queue, jurisdiction=advert.jurisdiction,
-        price=advert.price.output_per_mtok, state=state)
+        price=advert.price.output_per_mtok, state=state, reputation=trust(s),
+        latency_ms=failure_penalty_ms(s, timeout_s * 1000))
 
 
 def _local_ipv4() -> list[str]:
