@@ -156,7 +156,8 @@ class Node:
         verifier = Verifier()
         executor = Executor(self.key, verifier, self.scheduler, self.limits,
                             jurisdiction=c.jurisdiction, audit=self.audit,
-                            on_done=self.dispatcher.account, images=self.images)
+                            on_done=self.dispatcher.account, images=self.images,
+                            speed=lambda model: self.dispatcher.tokens_per_s.get(model, 0.0))
         mesh_config = MeshConfig(
             listen=c.p2p_listen, peers=c.peers, bootstrap=c.bootstrap, swarm=c.swarm,
             mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,

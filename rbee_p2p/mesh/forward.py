@@ -46,7 +46,7 @@ from ..protocol.messages import (
 )
 from ..protocol.receipts import OutputDigest, digest, verify_receipt
 from ..protocol.session import InferenceSession
-from ..routing import satisfies
+from ..routing import ModelFacts, PeerFacts, RequestFacts, expected_ms, satisfies
 from ..store.writer import AuditWriter
 from .frames import ByteStream, FrameStream, StreamGone
 
@@ -169,7 +169,8 @@ class Executor:
                  *, jurisdiction: str = "", audit: AuditWriter | None = None,
                  timing: Timing = Timing(), max_frame: int = 1 << 20,
                  on_done: Callable[[str, Completion, float | None], None] | None = None,
-                 images: ImageRunner | None = None) -> None:
+                 images: ImageRunner | None = None,
+                 speed: Callable[[str], float] = lambda model: 0.0) -> None:
         self.key = key
         self.images = images
         self.verifier = verifier
@@ -180,6 +181,7 @@ class Executor:
         self.timing = timing
         self.max_frame = max_frame
         self.on_done = on_done
+        self.speed = speed  # measured tokens/s of a model here (0: not yet)
         self.served = 0
 
     async def handle(self, stream: ByteStream, remote: bytes) -> None:
@@ -273,6 +275,17 @@ class Executor:
         call = parse(dict(request.params), self.limits)
         prepared = engine.prepare(call.request)
         self.scheduler.check(engine)
+        if request.admit_by_ms is not None:
+            load = self.scheduler.load(engine.card.name)
+            here = PeerFacts(id="", models=(ModelFacts(engine.card.name,
+                                                       tokens_per_s=self.speed(engine.card.name)),),
+                             queue_depth=load.queue_depth, active_jobs=load.active)
+            finish = now_ms() + expected_ms(here, RequestFacts(request.model,
+                                                               max_tokens=request.max_tokens))
+            if finish > request.admit_by_ms:
+                raise Busy(f"this node would finish {finish - request.admit_by_ms:.0f} ms after "
+                           "the requester's estimate (another job got here first)",
+                           retry_after=0.1)
         completion = Completion()
 
         async def run(reply: _Reply) -> None:
@@ -453,7 +466,8 @@ class RemoteJob:
                     connect_timeout_s: float = 3.0,
                     on_failure: Callable[[bytes], None] | None = None,
                     stamp: Stamp = Stamp(),
-                    on_done: Callable[[RemoteJob], None] | None = None) -> RemoteJob:
+                    on_done: Callable[[RemoteJob], None] | None = None,
+                    admit_by_ms: int | None = None) -> RemoteJob:
         """Open the stream, send the request, wait for the first token (or the end).
 
         Raises :class:`PeerUnavailable` for anything that says "try another peer", or the
@@ -476,7 +490,8 @@ class RemoteJob:
                 request_id=os.urandom(16), target=peer, model=call.model, kind=kind,
                 params=params, stream=stream_, max_tokens=max_tokens,
                 deadline_ms=now_ms() + int(timing.deadline_s * 1000),
-                tenant_ref=stamp.tenant_ref, residency=stamp.residency)
+                tenant_ref=stamp.tenant_ref, residency=stamp.residency,
+                admit_by_ms=admit_by_ms)
             raw = seal(key, request, now_ms=now_ms())
             session = InferenceSession(request.request_id, key.peer_id, peer)
             session.observe(key.peer_id, request)

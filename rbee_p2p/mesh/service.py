@@ -29,7 +29,8 @@ from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
 from ..routing import (DEFAULT_TOKENS_PER_S, DeviceFacts, ModelFacts, PeerFacts, Policy,
-                       Rejected, RequestFacts, Snapshot, decide, fastest, least_loaded)
+                       Rejected, RequestFacts, Snapshot, decide, expected_ms, fastest,
+                       least_loaded)
 from ..routing.reputation import (Standing, after_failure, after_job, after_refusal,
                                   effective_speed, failure_penalty_ms, trust)
 from ..routing.sampling import peer_key, pick, pool
@@ -146,6 +147,7 @@ class Mesh:
         # what this node saw of each peer's jobs (never gossiped: nothing for a liar to forge)
         self.standings: dict[bytes, Standing] = {}
         self._pools: dict[str, tuple[float, set[str]]] = {}  # model -> (drawn at, peer ids)
+        self._large: dict[str, bool] = {}  # model -> routed by probing (large swarm)
 
     # -- running ------------------------------------------------------------------------
 
@@ -405,7 +407,8 @@ class Mesh:
         everyone = self.peers()
         serving = [p for p in everyone if p.serves(model, modality)]
         cfg = self.config
-        if len(serving) <= cfg.probe_above:
+        self._large[model] = len(serving) > cfg.probe_above
+        if not self._large[model]:
             return everyone
         keep = self._pool(model, serving)
         chosen = pick(peer_key(os.urandom(8)), [w for w in self._weighted(model, serving)
@@ -559,6 +562,18 @@ class Mesh:
             measured_tokens_per_s=measured, claimed_wait_ms=claimed_wait,
             observed_wait_ms=(job.first_at - job.started_at) * 1000)
 
+    def _admit_by(self, peer_id: bytes, call: ChatCall) -> int | None:
+        """In a large swarm, when the peer should be done by our estimate (x 1.25, + 250 ms
+        for the trip and clocks): it refuses if it would be later — someone else's job got
+        there first — and the next candidate is tried (deadline admission; without it,
+        requests herd)."""
+        cached = self._facts.get(peer_id)
+        if not self._large.get(call.model) or cached is None:
+            return None
+        estimate = expected_ms(cached[1], RequestFacts(call.model,
+                                                       max_tokens=call.request.max_tokens))
+        return now_ms() + int(1.25 * estimate) + 250
+
     def _refused(self, peer_id: bytes) -> None:
         """It said it had room, then refused ("busy")."""
         self.standings[peer_id] = after_refusal(self.standings.get(peer_id, Standing()))
@@ -618,7 +633,8 @@ class Mesh:
             job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
                                         verifier=self.verifier, timing=self.config.timing,
                                         audit=self.audit, on_failure=self._suspect, stamp=stamp,
-                                        on_done=self._job_done)
+                                        on_done=self._job_done,
+                                        admit_by_ms=self._admit_by(peer_id, call))
         except Busy:
             self._refused(peer_id)
             raise

@@ -163,6 +163,7 @@ class InferenceRequest(Message):
     tenant_ref: Digest | None = None  # keyed hash of the tenant, never the API key
     residency: Jurisdiction | None = None  # required jurisdiction of the executor
     max_price: Price | None = None
+    admit_by_ms: Millis | None = None  # refuse ("busy") if you would finish later than this
 
 
 @message_type(3)

@@ -56,7 +56,8 @@ def mesh(nursery):
     """Returns start(call, engine=..., serve=True) -> RemoteJob against an executor on B."""
     audits = {"A": Audit(), "B": Audit()}
 
-    async def start(c, engine=None, serve=True, scheduler=None, stamp=Stamp(), where="EU"):
+    async def start(c, engine=None, serve=True, scheduler=None, stamp=Stamp(), where="EU",
+                    admit_by_ms=None):
         engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
         scheduler = scheduler or Scheduler([engine])
         executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction=where,
@@ -70,7 +71,8 @@ def mesh(nursery):
             return Mem(left)
 
         job = await RemoteJob.start(B.peer_id, open_stream, c, "chat", key=A, verifier=Verifier(),
-                                    timing=TIMING, audit=audits["A"], stamp=stamp)
+                                    timing=TIMING, audit=audits["A"], stamp=stamp,
+                                    admit_by_ms=admit_by_ms)
         return job, engine, executor
 
     start.audits = audits
@@ -108,6 +110,18 @@ async def test_the_executor_accepts_at_once_and_a_loss_before_output_can_move(me
     await mesh.served[-1].aclose()  # the executor is gone before producing anything
     with pytest.raises(PeerUnavailable, match="before the first token"):
         await collect(job)
+
+
+async def test_deadline_admission_refuses_what_it_would_finish_too_late(mesh, autojump_clock):
+    from rbee_p2p.mesh.forward import now_ms
+
+    # 6 tokens at the default 50 tok/s: ~120 ms of work here, nothing queued ahead
+    with pytest.raises(Busy, match="after the requester's estimate"):
+        await mesh(call(), admit_by_ms=now_ms() + 20)
+    assert mesh.audits["B"].records[-1][:2] == ("execute", "rejected")
+    job, _, _ = await mesh(call(), admit_by_ms=now_ms() + 10_000)
+    assert job.request.admit_by_ms is not None
+    assert await collect(job) == "alpha beta gamma alpha beta gamma"
 
 
 async def test_tenant_travels_as_a_keyed_hash_and_residency_is_enforced(mesh, autojump_clock):
