@@ -81,10 +81,6 @@ class Job(Protocol):
 class Remote(Protocol):
     """What dispatching needs from the mesh."""
 
-    def peers(self) -> tuple[PeerFacts, ...]:
-        """What the live peers advertise (alive ones, then suspect ones)."""
-        ...
-
     async def candidates(self, model: str, modality: str) -> tuple[PeerFacts, ...]:
         """The peers to rank for ``model``: all live ones, or in a large swarm a few
         sampled and probed for their current load."""

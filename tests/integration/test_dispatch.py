@@ -30,12 +30,9 @@ class FakeRemote:
         self.dies = set(dies)
         self.tried, self.failed = [], []
 
-    def peers(self):
+    async def candidates(self, model, modality):
         return tuple(PeerFacts(id=p, models=(ModelFacts("m", tokens_per_s=tps),), max_queue=16)
                      for p, tps in self.peers_.items())
-
-    async def candidates(self, model, modality):
-        return self.peers()
 
     def serves(self, model):
         return model == "m" and bool(self.peers_)
