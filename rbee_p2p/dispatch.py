@@ -27,8 +27,7 @@ from .routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestFa
 from .store.writer import AuditWriter
 
 __all__ = ["Job", "LocalJob", "Failover", "Remote", "PeerUnavailable", "Dispatcher", "Kind",
-           "Stamp",
-           "Router", "builtin_router", "request_facts"]
+           "Stamp", "Router", "builtin_router", "request_facts"]
 
 log = logging.getLogger(__name__)
 Kind = Literal["chat", "completion"]
