@@ -656,6 +656,7 @@ class Mesh:
             "peers": [{
                 "id": peer_id_to_str(e.peer_id), "state": e.state.value,
                 "models": [m.name for m in e.advert.models],
+                "tokens_per_s": {m.name: m.tokens_per_s for m in e.advert.models},
                 "queue_depth": e.advert.queue_depth, "active_jobs": e.advert.active_jobs,
                 "jurisdiction": e.advert.jurisdiction, "addrs": list(e.advert.addrs),
                 "last_advert_age_s": round(e.age_ms(now) / 1000, 2),
