@@ -44,8 +44,11 @@ class Stamp:
     tenant's facts (name, tier, residency)."""
 
     tenant_ref: bytes | None = None
-    residency: str | None = None
     tenant: TenantFacts | None = None
+
+    @property
+    def residency(self) -> str | None:
+        return self.tenant.residency if self.tenant is not None else None
 
 
 Router = Callable[[RequestFacts, Snapshot], Awaitable[Decision]]
@@ -71,7 +74,6 @@ def request_facts(call: ChatCall, tenant: TenantFacts | None,
 class Job(Protocol):
     completion: Completion
     where: bytes | None  # the executing peer, None for this node
-    receipt_sig: bytes | None
     request_id: bytes
 
     def batches(self) -> AsyncIterator[list[str]]: ...
@@ -106,7 +108,6 @@ class LocalJob:
     ends it leaves an "entry" audit record (this node both took and ran it)."""
 
     where = None
-    receipt_sig = None
 
     def __init__(self, dispatcher: Dispatcher, engine: TextEngine, prepared: Prepared,
                  stamp: Stamp = Stamp()) -> None:
@@ -272,10 +273,6 @@ class Failover:
     @property
     def where(self) -> bytes | None:
         return self.job.where
-
-    @property
-    def receipt_sig(self) -> bytes | None:
-        return self.job.receipt_sig
 
     @property
     def request_id(self) -> bytes:

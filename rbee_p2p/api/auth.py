@@ -34,6 +34,10 @@ class Pass:
     finished: bool = False
     streaming: bool = False  # the response outlives the handler: the stream finishes it
 
+    @property
+    def keeps_content(self) -> bool:
+        return self.tenant is not None and self.tenant.content_logging
+
 
 class Gate:
     def __init__(self, home: Path | None, *, clock: Callable[[], float] = time.time) -> None:
@@ -86,8 +90,7 @@ class Gate:
         if tenant is None:
             return Pass(None, Stamp())
         self.quotas.admit(tenant, model, self.clock())
-        return Pass(tenant, Stamp(tenant_ref=self.ref(tenant),
-                                  residency=tenant.residency, tenant=tenant.facts))
+        return Pass(tenant, Stamp(tenant_ref=self.ref(tenant), tenant=tenant.facts))
 
     def ref(self, tenant: Tenant) -> bytes:
         assert self.book is not None
@@ -107,8 +110,8 @@ class Gate:
     def log_content(self, admitted: Pass, request_id: bytes, prompt: Any, output: str) -> None:
         """Keep the text of a request, only for tenants that enabled content logging; the
         file lives outside the audit chain so erasure can delete it."""
-        tenant, ref = admitted.tenant, admitted.stamp.tenant_ref
-        if tenant is None or not tenant.content_logging or self.home is None or ref is None:
+        ref = admitted.stamp.tenant_ref
+        if not admitted.keeps_content or self.home is None or ref is None:
             return
         path = content_path(self.home, ref)
         path.parent.mkdir(mode=0o700, exist_ok=True)

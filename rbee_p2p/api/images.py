@@ -267,21 +267,22 @@ class ImageService:
                        stamp: Stamp = Stamp()) -> dict[str, Any]:
         """Here if this node serves the model (and meets the tenant's residency), else on a
         peer that does (``remote``)."""
+        remote = self.remote
+        # the model a peer would run: the one asked for, or the first any peer serves
+        model = call.model or (remote.image_models() or [""])[0] if remote is not None else ""
         engine: ImageEngine | None = None
         try:
             engine = self.lookup(call.model)
         except (ModelNotFound, ModelUnavailable):
-            if self.remote is None or not self.remote.serves_image(
-                    call.model or (self.remote.image_models() or [""])[0]):
+            if remote is None or not remote.serves_image(model):
                 raise
         if engine is not None and not satisfies(self.jurisdiction, stamp.residency):
-            if self.remote is None:
+            if remote is None:
                 raise Forbidden(f"no node in {stamp.residency} serves image model {call.model}")
             engine = None  # a peer in the tenant's jurisdiction may
         if engine is None:
-            model = call.model or self.remote.image_models()[0]
-            pngs = await self.remote.images(model, {**(body or {}), "model": model},
-                                            call.request.n, stamp)
+            pngs = await remote.images(model, {**(body or {}), "model": model}, call.request.n,
+                                       stamp)
             size = _png_size(pngs[0]) if pngs else "0x0"
         else:
             pngs, size = await self._run_local(engine, call)

@@ -85,11 +85,12 @@ class Serving:
             await audit.record("entry", "rejected", tenant_ref=ref, model=model[:128],
                                entry_peer=d.peer, error_code="forbidden")
 
-    def _finish(self, admitted: Pass, call: ChatCall, job: Job, text: str) -> None:
+    def _finish(self, admitted: Pass, call: ChatCall, job: Job, parts: list[str]) -> None:
         c = job.completion
         self.gate.finish(admitted, c.prompt_tokens + c.completion_tokens)
-        self.gate.log_content(admitted, job.request_id,
-                              call.request.messages or call.request.prompt, text)
+        if admitted.keeps_content:
+            self.gate.log_content(admitted, job.request_id,
+                                  call.request.messages or call.request.prompt, "".join(parts))
 
     async def complete(self, call: ChatCall, kind: Kind, admitted: Pass) -> dict[str, Any]:
         job = await self.start(call, kind, admitted)
@@ -99,7 +100,7 @@ class Serving:
                 async for batch in batches:
                     parts.extend(batch)
         finally:
-            self._finish(admitted, call, job, "".join(parts))
+            self._finish(admitted, call, job, parts)
         completion = job.completion
         text = "".join(parts)
         head = {"created": int(time.time()), "model": call.model}
@@ -149,7 +150,8 @@ class Serving:
             async with aclosing(job.batches()) as batches:
                 async for batch in batches:
                     text = "".join(batch)
-                    parts.append(text)
+                    if admitted.keeps_content:  # the text is kept only for those tenants
+                        parts.append(text)
                     yield chunk(text, None)
             yield chunk(None if kind == "chat" else "", job.completion.finish_reason)
             if call.include_usage:
@@ -158,7 +160,7 @@ class Serving:
             log.warning("stream failed: %s", exc)
             yield _sse(error_body(str(exc), "server_error", code=type(exc).__name__))
         finally:
-            self._finish(admitted, call, job, "".join(parts))
+            self._finish(admitted, call, job, parts)
         yield b"data: [DONE]\n\n"
 
     async def embeddings(self, call: EmbeddingsCall, body: dict[str, Any],

@@ -440,8 +440,7 @@ class RemoteJob:
         self.first_at: float | None = None  # when the first text arrived (perf_counter)
         self.ended_at: float | None = None
         self.stamp = stamp
-        self.receipt_sig: bytes | None = None
-        self.receipt_raw: bytes | None = None
+        self.receipt_raw: bytes | None = None  # the executor's signed receipt, as sent
         self.on_failure = on_failure
         self.frames = frames
         self.session = session
@@ -560,7 +559,6 @@ class RemoteJob:
             raise EngineFailure(f"the peer's receipt says it ran in {receipt.jurisdiction!r}, "
                                 f"outside the required {self.stamp.residency}")
         self.receipt = receipt
-        self.receipt_sig = end.receipt[-64:]
         self.receipt_raw = end.receipt
         self.completion.prompt_tokens = receipt.tokens_in
         self.completion.completion_tokens = receipt.tokens_out
@@ -617,4 +615,4 @@ class RemoteJob:
                 tokens_in=r.tokens_in if r else None, tokens_out=r.tokens_out if r else None,
                 ttft_ms=r.ttft_ms if r else None,
                 total_ms=int((time.perf_counter() - self.started_at) * 1000),
-                receipt=self.receipt_raw if r else None)
+                receipt=self.receipt_raw)

@@ -14,8 +14,10 @@ from rbee_p2p.engines.scheduler import Scheduler
 from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest
 from rbee_p2p.mesh.forward import Executor, RemoteJob, Timing
 from rbee_p2p.protocol.envelope import Verifier
+from rbee_p2p.routing import TenantFacts
 
 A, B = samples.key_a(), samples.key_b()  # A asks, B executes
+EU_TENANT = TenantFacts("t", residency="EU")
 TIMING = Timing(heartbeat_s=1.0, frame_timeout_s=5.0, request_timeout_s=10.0)
 
 
@@ -126,7 +128,7 @@ async def test_deadline_admission_refuses_what_it_would_finish_too_late(mesh, au
 
 async def test_tenant_travels_as_a_keyed_hash_and_residency_is_enforced(mesh, autojump_clock):
     ref = bytes(range(32))
-    job, _, _ = await mesh(call(), stamp=Stamp(tenant_ref=ref, residency="EU"), where="DE")
+    job, _, _ = await mesh(call(), stamp=Stamp(tenant_ref=ref, tenant=EU_TENANT), where="DE")
     assert job.request.tenant_ref == ref and job.request.residency == "EU"
     await collect(job)
     await trio.sleep(0.1)
@@ -135,14 +137,14 @@ async def test_tenant_travels_as_a_keyed_hash_and_residency_is_enforced(mesh, au
     assert fa["tenant_ref"] == fb["tenant_ref"] == ref and fb["jurisdiction"] == "DE"
     # an executor outside the residency refuses (the requester tries another peer)
     with pytest.raises(PeerUnavailable, match="must stay in EU"):
-        await mesh(call(), stamp=Stamp(residency="EU"), where="US")
+        await mesh(call(), stamp=Stamp(tenant=EU_TENANT), where="US")
     assert mesh.audits["B"].records[-1][:2] == ("execute", "rejected")
 
 
 async def test_a_receipt_outside_the_residency_is_an_error(mesh, autojump_clock):
     # an executor that accepts anything (claims nothing checks) but signs "US" in its receipt
-    job, _, executor = await mesh(call(), stamp=Stamp(residency="US"), where="US")
-    job.stamp = Stamp(residency="EU")  # the requester required EU
+    job, _, executor = await mesh(call(), stamp=Stamp(tenant=TenantFacts("t", residency="US")), where="US")
+    job.stamp = Stamp(tenant=EU_TENANT)  # the requester required EU
     with pytest.raises(EngineFailure, match="outside the required EU"):
         await collect(job)
 
