@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table  # noqa: E402
 
-from rbee_p2p.policies import PolicyRuntime  # noqa: E402
+from rbee_p2p.policy_runtime.runtime import PolicyRuntime  # noqa: E402
 from rbee_p2p.routing import (BUILTINS, DeviceFacts, ModelFacts, PeerFacts,  # noqa: E402
                               RequestFacts, Snapshot, TenantFacts, decide, eligible)
 

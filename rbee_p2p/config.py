@@ -234,7 +234,7 @@ def _convert(key: str, value: Any, where: str) -> Any:
 
 
 def _check_policy(config: NodeConfig) -> None:
-    from .policies import parse_spec
+    from .policy_runtime import parse_spec
 
     parse_spec(config.policy)  # raises ConfigError
     if not 1 <= config.policy_timeout_ms <= 10_000:

@@ -8,12 +8,21 @@
   ``RequestError``: a client's request cannot be served; each subclass has one HTTP status
     ``InvalidRequest`` (400), ``ModelNotFound`` (404), ``PayloadTooLarge`` (413),
     ``Busy`` (503, with ``retry_after``), ``ModelUnavailable`` (503, no retry: configured
-    but not loaded), ``EngineFailure`` (500), ``Unauthorized`` (401: missing or invalid API
-    key), ``Forbidden`` (403: model not allowed for the tenant, residency impossible, the
-    routing policy refused), ``QuotaExceeded`` (429, with ``retry_after``)
+    but not loaded), ``EngineFailure`` (500) and ``PeerUnavailable`` (502: a peer could not
+    be reached or stopped answering; the next candidate may be tried), ``Unauthorized``
+    (401: missing or invalid API key), ``Forbidden`` (403: model not allowed for the tenant,
+    residency impossible, the routing policy refused), ``QuotaExceeded`` (429, with
+    ``retry_after``)
+
+:data:`ERRORS` is the one table from these classes to what the edges say: the HTTP status,
+OpenAI's error ``type`` and ``code``, and the wire code of an ``ErrorMessage``; :func:`spec`
+looks a raised error up in it and :func:`from_wire` turns a peer's ``ErrorMessage`` code
+back into the error the requester acts on.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .protocol.errors import *  # noqa: F401,F403  (re-export the protocol part of the tree)
 from .protocol.errors import RbeeError
@@ -34,6 +43,11 @@ __all__ = [
     "Unauthorized",
     "Forbidden",
     "QuotaExceeded",
+    "PeerUnavailable",
+    "ErrorSpec",
+    "ERRORS",
+    "spec",
+    "from_wire",
 ]
 
 
@@ -102,3 +116,65 @@ class QuotaExceeded(RequestError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class PeerUnavailable(EngineFailure):
+    """A peer could not be reached, stopped answering, or could not take the job (its
+    advert was stale, its own rules refused it); the next candidate may be tried."""
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    """How one error class looks at the edges."""
+
+    status: int  # HTTP status
+    type: str  # OpenAI error "type"
+    code: str | None  # OpenAI error "code"
+    wire: str  # ErrorMessage code (protocol.messages.ERROR_CODES)
+
+
+ERRORS: dict[type[RequestError], ErrorSpec] = {
+    InvalidRequest: ErrorSpec(400, "invalid_request_error", None, "bad_request"),
+    ModelNotFound: ErrorSpec(404, "invalid_request_error", "model_not_found", "model_not_found"),
+    PayloadTooLarge: ErrorSpec(413, "invalid_request_error", "request_too_large", "bad_request"),
+    Unauthorized: ErrorSpec(401, "invalid_request_error", "invalid_api_key", "unauthorized"),
+    Forbidden: ErrorSpec(403, "permission_error", "forbidden", "forbidden"),
+    QuotaExceeded: ErrorSpec(429, "requests", "rate_limit_exceeded", "busy"),
+    Busy: ErrorSpec(503, "server_error", "overloaded", "busy"),
+    ModelUnavailable: ErrorSpec(503, "server_error", "model_unavailable", "model_not_found"),
+    EngineFailure: ErrorSpec(500, "server_error", "engine_failure", "internal"),
+    PeerUnavailable: ErrorSpec(502, "server_error", "peer_unavailable", "internal"),
+}
+
+
+def spec(exc: RequestError) -> ErrorSpec:
+    """The table's row for ``exc`` (its nearest listed class)."""
+    for cls in type(exc).__mro__:
+        found = ERRORS.get(cls)  # type: ignore[call-overload]
+        if found is not None:
+            return found
+    return ERRORS[EngineFailure]
+
+
+# What a requester does with a peer's ErrorMessage: the client's fault (400) and a full
+# queue (503) are final for that peer; anything that says "not here" moves on to the next
+# candidate; the rest is the peer's failure.
+_FROM_WIRE: dict[str, type[RequestError]] = {
+    "bad_request": InvalidRequest,
+    "busy": Busy,
+    "internal": EngineFailure,
+    "model_not_found": PeerUnavailable,
+    "forbidden": PeerUnavailable,
+    "unauthorized": PeerUnavailable,
+    "deadline": PeerUnavailable,
+    "cancelled": PeerUnavailable,
+    "protocol": PeerUnavailable,
+}
+
+
+def from_wire(code: str, message: str, retry_after_ms: int | None = None) -> RequestError:
+    """The error a peer's ``ErrorMessage`` stands for on the requester's side."""
+    cls = _FROM_WIRE.get(code, EngineFailure)
+    if cls is Busy:
+        return Busy(message, retry_after=(retry_after_ms or 1000) / 1000)
+    return cls(message)

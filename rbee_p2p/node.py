@@ -14,9 +14,9 @@ import trio
 
 from . import __version__
 from .api.app import create_app
-from .api.auth import Gate
+from .tenancy.gate import Gate
 from .api.images import ImageService, image_limits
-from .api.schemas import Limits
+from .dispatch.request import Limits
 from .api.serving import Serving
 from .config import NodeConfig, audit_path, key_path
 from .dispatch import Dispatcher
@@ -24,9 +24,9 @@ from .engines.admission import Capacity, load_models
 from .engines.base import TextEngine
 from .engines.scheduler import Scheduler
 from .errors import ConfigError
-from .mesh.forward import Executor
+from .mesh.executor import Executor
 from .mesh.service import LocalInfo, Mesh, MeshConfig
-from .policies import PolicyRuntime
+from .policy_runtime import PolicyRuntime
 from .protocol.envelope import Verifier
 from .protocol.identity import NodeKey
 from .protocol.messages import DeviceInfo
@@ -82,18 +82,17 @@ class Node:
                                     pins=dict(config.pins))
         self.dispatcher = Dispatcher(self.scheduler, local_id=self.peer_id or "local",
                                      jurisdiction=config.jurisdiction, audit=audit,
-                                     router=self.policy.route,
+                                     router=self.policy.route, capacity=self.capacity,
                                      peer=key.peer_id if key is not None else None)
         self.gate = Gate(config.home)
         self.serving = Serving(self.dispatcher, self.gate)
-        self.images = ImageService(self.scheduler, self.capacity, image_limits(config),
-                                   self.dispatcher.requests_served)
-        self.images.jurisdiction = config.jurisdiction
+        self.images = ImageService(self.serving, self.capacity, image_limits(config))
         self.mesh: Mesh | None = None
         self._devices: tuple[DeviceInfo, ...] | None = None
         self.started = time.time()
         self.limits = Limits(max_tokens=config.max_tokens,
-                             default_max_tokens=config.default_max_tokens)
+                             default_max_tokens=config.default_max_tokens,
+                             max_images=config.max_images)
         self.app = create_app(self.serving, self.limits, max_body_bytes=config.max_body_bytes,
                               status=self.status, images=self.images)
 
@@ -154,10 +153,8 @@ class Node:
         assert self.key is not None
         c = self.config
         verifier = Verifier()
-        executor = Executor(self.key, verifier, self.scheduler, self.limits,
-                            jurisdiction=c.jurisdiction, audit=self.audit,
-                            on_done=self.dispatcher.account, images=self.images,
-                            speed=lambda model: self.dispatcher.tokens_per_s.get(model, 0.0))
+        executor = Executor(self.key, verifier, self.dispatcher.run_here, self.limits,
+                            jurisdiction=c.jurisdiction, audit=self.audit)
         mesh_config = MeshConfig(
             listen=c.p2p_listen, peers=c.peers, bootstrap=c.bootstrap, swarm=c.swarm,
             mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,
@@ -167,7 +164,6 @@ class Node:
             mdns_interfaces=c.mdns_interfaces)
         self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
         self.dispatcher.remote = self.mesh
-        self.images.remote = self.mesh
         self.scheduler.listeners.append(self.mesh.poke)
         return self.mesh
 

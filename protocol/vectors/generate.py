@@ -22,6 +22,8 @@ from rbee_p2p.protocol.messages import (
     DeviceInfo,
     ErrorMessage,
     InferenceRequest,
+    Sampling,
+    Turn,
     Message,
     ModelInfo,
     Price,
@@ -51,8 +53,7 @@ def samples(key: NodeKey, other: NodeKey) -> list[tuple[str, Message]]:
             price=Price(input_per_mtok=0, output_per_mtok=0))),
         ("inference_request", InferenceRequest(
             request_id=RID, target=other.peer_id, model="smollm2", kind="chat",
-            params={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
-                    "temperature": 0.5},
+            messages=(Turn("user", "Hello"),), sampling=Sampling(temperature=0.5),
             stream=True, max_tokens=16, deadline_ms=NOW + 60_000, tenant_ref=DIGEST,
             residency="EU")),
         ("result_chunk", ResultChunk(request_id=RID, seq=0, text="Hi there", tokens=2)),

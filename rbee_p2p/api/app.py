@@ -10,38 +10,15 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..errors import (
-    Busy,
-    EngineFailure,
-    Forbidden,
-    InvalidRequest,
-    ModelNotFound,
-    ModelUnavailable,
-    PayloadTooLarge,
-    QuotaExceeded,
-    RequestError,
-    Unauthorized,
-)
-from ..tenants import Tenant
+from ..errors import Busy, PayloadTooLarge, QuotaExceeded, RequestError, spec
+from ..tenancy.tenants import Tenant
 from .schemas import Limits, parse_chat, parse_completion, parse_embeddings, parse_json
 from .serving import Serving, error_body
 
-__all__ = ["create_app", "ERROR_STATUS"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
-# The one table from our errors to HTTP: (status, OpenAI error type, code).
-ERROR_STATUS: dict[type[RequestError], tuple[int, str, str | None]] = {
-    InvalidRequest: (400, "invalid_request_error", None),
-    ModelNotFound: (404, "invalid_request_error", "model_not_found"),
-    PayloadTooLarge: (413, "invalid_request_error", "request_too_large"),
-    Busy: (503, "server_error", "overloaded"),
-    ModelUnavailable: (503, "server_error", "model_unavailable"),
-    EngineFailure: (500, "server_error", "engine_failure"),
-    Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
-    Forbidden: (403, "permission_error", "forbidden"),
-    QuotaExceeded: (429, "requests", "rate_limit_exceeded"),
-}
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error"}
 
@@ -79,10 +56,10 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         call = parse(await body(), limits)
         async with serving.admission(who, call.model) as admitted:
             if not call.stream:
-                return _json(await serving.complete(call, kind, admitted))  # type: ignore[arg-type]
-            job = await serving.start(call, kind, admitted)  # type: ignore[arg-type]
+                return _json(await serving.complete(call, admitted))
+            job = await serving.start(call, admitted)
             admitted.streaming = True
-        events = serving.stream(call, kind, job, admitted)  # type: ignore[arg-type]
+        events = serving.stream(call, job, admitted)
         response = Response(events, mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.timeout = None
@@ -99,23 +76,20 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
         who = tenant()
-        raw = await body()
-        call = parse_embeddings(raw, limits)
+        call = parse_embeddings(await body(), limits)
         async with serving.admission(who, call.model) as admitted:
-            return _json(await serving.embeddings(call, raw, admitted))
+            return _json(await serving.embeddings(call, admitted))
 
     @app.get("/v1/models")
     async def models() -> Response:
-        data = []
-        for engine in serving.scheduler.engines:
-            for name in (engine.card.name, *engine.card.aliases):
-                data.append({"id": name, "object": "model", "created": 0, "owned_by": "rbee"})
-        return _json({"object": "list", "data": data})
+        return _json({"object": "list", "data": list(serving.models().values())})
 
     @app.get("/v1/models/<path:name>")
     async def model(name: str) -> Response:
-        serving.scheduler.lookup(name)
-        return _json({"id": name, "object": "model", "created": 0, "owned_by": "rbee"})
+        entry = serving.models().get(name)
+        if entry is None:
+            serving.scheduler.lookup(name)  # raises ModelNotFound / ModelUnavailable
+        return _json(entry)
 
     @app.get("/health")
     async def health() -> Response:
@@ -127,9 +101,8 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
 
     @app.errorhandler(RequestError)
     async def request_error(exc: RequestError) -> Response:
-        code, type_, err_code = next(
-            (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
-            (400, "invalid_request_error", None))
+        row = spec(exc)
+        code, type_, err_code = row.status, row.type, row.code
         headers = None
         if isinstance(exc, (Busy, QuotaExceeded)):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}

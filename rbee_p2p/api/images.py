@@ -14,9 +14,11 @@ OpenAI does; so are ``background``, ``moderation``, ``output_compression``, ``st
 seconds; the store holds at most ``image_store_mb`` MiB and 1024 images (oldest dropped
 first).  Ids are 144 random bits: the URL is the capability.
 
-Jobs wait in the model's FIFO (the shared Scheduler: bounded, 503 + Retry-After when
-full), then for their device's image limiter (one image job per device at a time), which
-is separate from the text queues: text and images never wait for each other.
+Requests take the one request path (``dispatch``): tenant admission, the routing policy
+(built-in or Starlark, pins, residency), this node or a peer, failover, receipts, audit.
+Local jobs wait in the model's FIFO (bounded, 503 + Retry-After when full), then for their
+device's image slot (one image job per device at a time), separate from the text queues:
+text and images never wait for each other.
 """
 
 from __future__ import annotations
@@ -34,11 +36,10 @@ from typing import Any, Awaitable, Callable
 import trio
 from quart import Response, request
 
+from ..dispatch.request import Request
 from ..engines.diffusion import MAX_STEPS, QUALITIES, ImageEngine, ImageRequest
-from ..dispatch import Stamp
-from ..errors import Forbidden, InvalidRequest, ModelNotFound, ModelUnavailable
-from ..routing import satisfies
-from .schemas import int_param
+from ..errors import InvalidRequest, ModelNotFound, ModelUnavailable
+from .schemas import Call, int_param
 from .serving import error_body
 
 __all__ = ["ImageLimits", "ImageCall", "ImageStore", "ImageService", "parse_images", "image_limits"]
@@ -202,117 +203,58 @@ class ImageStore:
 
 
 class ImageService:
-    """Looks up image models, admits and runs jobs, shapes OpenAI responses."""
+    """The image routes: parses requests, resolves the default model, runs them through
+    the one request path (``Serving``: tenant admission, routing, local or peer) and
+    shapes OpenAI responses; keeps the short-lived URL store."""
 
-    def __init__(self, scheduler: Any, capacity: Any, limits: ImageLimits,
-                 requests_served: dict[str, int] | None = None) -> None:
-        self.scheduler = scheduler  # engines.scheduler.Scheduler (holds image engines too)
-        self.capacity = capacity  # engines.admission.Capacity (limiters, unavailable)
+    def __init__(self, serving: Any, capacity: Any, limits: ImageLimits) -> None:
+        self.serving = serving  # api.serving.Serving
+        self.capacity = capacity  # engines.admission.Capacity (why images are unavailable)
         self.limits = limits
         self.store = ImageStore(limits.url_ttl, limits.store_bytes, limits.store_count)
-        self.images_generated: dict[str, int] = {}
-        # per model; pass the node's text counters to count both in one place
-        self.requests_served: dict[str, int] = {} if requests_served is None \
-            else requests_served
-        self.failures: dict[str, int] = {}
-        self.remote: Any = None  # the mesh, if any: serves_image / image_models / images
-        self.jurisdiction = ""  # this node's claim, for tenants' residency
 
     def image_engines(self) -> list[ImageEngine]:
-        return [e for e in self.scheduler.engines if isinstance(e, ImageEngine)]
+        return [e for e in self.serving.scheduler.engines if isinstance(e, ImageEngine)]
 
-    def lookup(self, model: str | None) -> ImageEngine:
-        """Raises :class:`ModelNotFound`, :class:`ModelUnavailable` (configured but not
-        loaded: no torch, or it did not fit), or :class:`InvalidRequest` (not an image
-        model)."""
-        if model is None:
-            engines = self.image_engines()
-            if engines:
-                return engines[0]
-            reason = self.capacity.images_reason if self.capacity else None
-            unavailable = [p for p in (self.capacity.placements if self.capacity else [])
-                           if p.kind == "image" and p.reason]
-            if unavailable or reason:
-                raise ModelUnavailable(
-                    f"images are unavailable on this node: "
-                    f"{reason or unavailable[0].reason}", param="model")
-            raise ModelNotFound("no image model is served by this node; name one with "
-                                "'model'", param="model")
-        engine = self.scheduler.lookup(model)  # ModelNotFound / ModelUnavailable
-        if not isinstance(engine, ImageEngine):
-            names = ", ".join(e.card.name for e in self.image_engines()) or "none here"
-            raise InvalidRequest(f"model '{model}' does not generate images; use an image "
-                                 f"model ({names})", param="model")
-        return engine
+    def default_model(self) -> str:
+        """The model a request without ``model`` runs on: this node's first image model,
+        else the first one a peer serves.  Raises :class:`ModelUnavailable` (configured
+        here but not loaded: no torch, or it did not fit) or :class:`ModelNotFound`."""
+        engines = self.image_engines()
+        if engines:
+            return engines[0].card.name
+        remote = self.serving.dispatcher.remote
+        peers = sorted(name for name, modality, _ in (remote.models() if remote else ())
+                       if modality == "image")
+        if peers:
+            return peers[0]
+        reason = self.capacity.images_reason if self.capacity else None
+        unavailable = [p for p in (self.capacity.placements if self.capacity else [])
+                       if p.kind == "image" and p.reason]
+        if unavailable or reason:
+            raise ModelUnavailable(f"images are unavailable on this node: "
+                                   f"{reason or unavailable[0].reason}", param="model")
+        raise ModelNotFound("no image model is served by this node or its peers; name one "
+                            "with 'model'", param="model")
 
-    async def _run_local(self, engine: ImageEngine, call: ImageCall) -> tuple[list[bytes], str]:
-        job = engine.prepare(call.request)
-        self.scheduler.check(engine)
-        name = engine.card.name
-        async with self.scheduler.admit(engine):
-            async with self.capacity.limiter(engine.card.device, "image"):
-                started = time.perf_counter()
-                try:
-                    result = await engine.generate(job)
-                except BaseException:
-                    self.failures[name] = self.failures.get(name, 0) + 1
-                    raise
-        self.requests_served[name] = self.requests_served.get(name, 0) + 1
-        self.images_generated[name] = self.images_generated.get(name, 0) + len(result.images)
-        log.info("%s: %d image(s) %dx%d, %d steps in %.2fs", name, len(result.images),
-                 job.width, job.height, job.steps, time.perf_counter() - started)
-        return list(result.images), f"{job.width}x{job.height}"
-
-    async def generate(self, call: ImageCall, base_url: str, body: dict[str, Any] | None = None,
-                       stamp: Stamp = Stamp()) -> dict[str, Any]:
-        """Here if this node serves the model (and meets the tenant's residency), else on a
-        peer that does (``remote``)."""
-        remote = self.remote
-        # the model a peer would run: the one asked for, or the first any peer serves
-        model = call.model or (remote.image_models() or [""])[0] if remote is not None else ""
-        engine: ImageEngine | None = None
-        try:
-            engine = self.lookup(call.model)
-        except (ModelNotFound, ModelUnavailable):
-            if remote is None or not remote.serves_image(model):
-                raise
-        if engine is not None and not satisfies(self.jurisdiction, stamp.residency):
-            if remote is None:
-                raise Forbidden(f"no node in {stamp.residency} serves image model {call.model}")
-            engine = None  # a peer in the tenant's jurisdiction may
-        if engine is None:
-            pngs = await remote.images(model, {**(body or {}), "model": model}, call.request.n,
-                                       stamp)
-            size = _png_size(pngs[0]) if pngs else "0x0"
-        else:
-            pngs, size = await self._run_local(engine, call)
+    async def generate(self, call: ImageCall, base_url: str, admitted: Any) -> dict[str, Any]:
+        request = Request("image", call.model or self.default_model(), image=call.request)
+        job, _ = await self.serving.run(Call(request), admitted)
+        pngs = job.items
         if call.response_format == "url":
             data = [{"url": f"{base_url.rstrip('/')}/v1/images/files/{self.store.put(png)}.png"}
                     for png in pngs]
         else:
             data = [{"b64_json": b64encode(png).decode()} for png in pngs]
-        return {"created": int(time.time()), "data": data, "size": size,
+        return {"created": int(time.time()), "data": data,
+                "size": _png_size(pngs[0]) if pngs else "0x0",
                 "quality": call.request.quality or "auto", "output_format": "png"}
 
-    # -- mesh.forward.ImageRunner: image jobs from peers ---------------------------------
-
-    def serves(self, model: str) -> bool:
-        return any(e.card.name == model or model in e.card.aliases
-                   for e in self.image_engines())
-
-    def digest(self, model: str) -> bytes:
-        return self.lookup(model).card.digest
-
-    async def run(self, model: str, params: dict[str, Any]) -> list[bytes]:
-        """A peer's request, validated here with our own limits.  Raises RequestError."""
-        call = parse_images({**params, "model": model}, self.limits)
-        pngs, _ = await self._run_local(self.lookup(model), call)
-        return pngs
-
     def status(self) -> dict[str, Any]:
+        d = self.serving.dispatcher
         return {"models": [e.card.name for e in self.image_engines()],
-                "images_generated": dict(self.images_generated),
-                "failures": dict(self.failures), "url_store": len(self.store)}
+                "images_generated": dict(d.images_generated), "failures": dict(d.failures),
+                "url_store": len(self.store)}
 
     def register(self, app: Any, get_body: Callable[[], Awaitable[dict[str, Any]]],
                  tenant: Callable[[], Any], admission: Callable[[Any, str], Any]) -> None:
@@ -326,7 +268,7 @@ class ImageService:
             body = await get_body()
             call = parse_images(body, self.limits)
             async with admission(who, call.model or "") as admitted:
-                result = await self.generate(call, request.host_url, body, admitted.stamp)
+                result = await self.generate(call, request.host_url, admitted)
             return Response(json.dumps(result), mimetype="application/json")
 
         @app.get("/v1/images/files/<name>")

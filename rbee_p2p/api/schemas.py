@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from ..dispatch.request import Limits, Request
 from ..engines.base import TextRequest
 from ..errors import InvalidRequest
 
 __all__ = [
     "int_param",
-    "ChatCall",
-    "EmbeddingsCall",
+    "Call",
     "parse_json",
     "parse_chat",
     "parse_completion",
@@ -30,27 +30,21 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_tokens: int = 4096
-    default_max_tokens: int = 512
-    max_stop: int = 4
-    max_inputs: int = 256
+class Call:
+    """A parsed OpenAI request: the dispatch ``Request`` and what only the HTTP answer
+    needs (the usage chunk, the embeddings' encoding)."""
 
+    request: Request
+    include_usage: bool = False
+    base64: bool = False
 
-@dataclass(frozen=True)
-class ChatCall:
-    model: str
-    request: TextRequest
-    stream: bool
-    include_usage: bool
-    body: dict[str, Any] = field(default_factory=dict, compare=False)  # as the client sent it
+    @property
+    def model(self) -> str:
+        return self.request.model
 
-
-@dataclass(frozen=True)
-class EmbeddingsCall:
-    model: str
-    inputs: list[str]
-    base64: bool
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
 
 
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -192,7 +186,7 @@ def _content(message: dict[str, Any], i: int) -> str:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def parse_chat(body: dict[str, Any], limits: Limits) -> ChatCall:
+def parse_chat(body: dict[str, Any], limits: Limits) -> Call:
     """Raises :class:`InvalidRequest` naming the parameter."""
     _check_keys(body, CHAT_KEYS)
     model = _model(body)
@@ -214,11 +208,11 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatCall:
                              param="response_format")
     fields, stream, include_usage = _common(body, limits)
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), limits)
-    return ChatCall(model, TextRequest(max_tokens=max_tokens, messages=messages, **fields),
-                    stream, include_usage, body)
+    text = TextRequest(max_tokens=max_tokens, messages=messages, **fields)
+    return Call(Request("chat", model, text=text, stream=stream), include_usage)
 
 
-def parse_completion(body: dict[str, Any], limits: Limits) -> ChatCall:
+def parse_completion(body: dict[str, Any], limits: Limits) -> Call:
     _check_keys(body, COMPLETION_KEYS)
     model = _model(body)
     prompt = body.get("prompt")
@@ -229,11 +223,11 @@ def parse_completion(body: dict[str, Any], limits: Limits) -> ChatCall:
                              param="prompt")
     fields, stream, include_usage = _common(body, limits)
     max_tokens = _max_tokens(body, ("max_tokens",), Limits(limits.max_tokens, 16))
-    return ChatCall(model, TextRequest(max_tokens=max_tokens, prompt=prompt, **fields), stream,
-                    include_usage, body)
+    text = TextRequest(max_tokens=max_tokens, prompt=prompt, **fields)
+    return Call(Request("completion", model, text=text, stream=stream), include_usage)
 
 
-def parse_embeddings(body: dict[str, Any], limits: Limits) -> EmbeddingsCall:
+def parse_embeddings(body: dict[str, Any], limits: Limits) -> Call:
     _check_keys(body, EMBEDDING_KEYS)
     model = _model(body)
     raw = body.get("input")
@@ -251,4 +245,4 @@ def parse_embeddings(body: dict[str, Any], limits: Limits) -> EmbeddingsCall:
                              param="encoding_format")
     if body.get("dimensions") is not None:
         raise InvalidRequest("'dimensions' is not supported for this model", param="dimensions")
-    return EmbeddingsCall(model, inputs, fmt == "base64")
+    return Call(Request("embedding", model, inputs=tuple(inputs)), base64=fmt == "base64")

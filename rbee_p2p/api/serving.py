@@ -16,13 +16,12 @@ import uuid
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, AsyncIterator
 
-from ..dispatch import Dispatcher, Job, Kind
+from ..dispatch import Dispatcher, Job
 from ..engines.base import Completion
-from ..errors import Forbidden, RequestError
-from ..routing import satisfies
-from ..tenants import Tenant
-from .auth import Gate, Pass
-from .schemas import ChatCall, EmbeddingsCall
+from ..errors import Forbidden, RequestError, spec
+from ..tenancy.gate import Gate, Pass
+from ..tenancy.tenants import Tenant
+from .schemas import Call
 
 __all__ = ["Serving", "error_body"]
 
@@ -51,9 +50,41 @@ class Serving:
         self.scheduler = dispatcher.scheduler
         self.gate = gate or Gate(None)
 
-    async def start(self, call: ChatCall, kind: Kind, admitted: Pass) -> Job:
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Every model this node can serve, here or through a live peer, by name (aliases
+        too): OpenAI's model object plus where it runs (``local``, up to 16 ``peers`` and
+        their count)."""
+        out: dict[str, dict[str, Any]] = {}
+        for engine in self.scheduler.engines:
+            for name in (engine.card.name, *engine.card.aliases):
+                out[name] = {"id": name, "object": "model", "created": 0, "owned_by": "rbee",
+                             "modality": engine.card.modality, "local": True, "peers": [],
+                             "peer_count": 0}
+        remote = self.dispatcher.remote
+        for name, modality, peer in remote.models() if remote is not None else ():
+            entry = out.setdefault(name, {"id": name, "object": "model", "created": 0,
+                                          "owned_by": "rbee", "modality": modality,
+                                          "local": False, "peers": [], "peer_count": 0})
+            entry["peer_count"] += 1
+            if len(entry["peers"]) < 16:
+                entry["peers"].append(peer)
+        return out
+
+    async def start(self, call: Call, admitted: Pass) -> Job:
         """Every error that must be an HTTP status is raised here, before a stream starts."""
-        return await self.dispatcher.start(call, kind, admitted.stamp)
+        return await self.dispatcher.start(call.request, admitted.stamp)
+
+    async def run(self, call: Call, admitted: Pass) -> tuple[Job, str]:
+        """Run ``call`` to its end: the job (counts, data items) and its text."""
+        job = await self.start(call, admitted)
+        parts: list[str] = []
+        try:
+            async with aclosing(job.batches()) as batches:
+                async for batch in batches:
+                    parts.extend(batch)
+        finally:
+            self._finish(admitted, call, job, parts)
+        return job, "".join(parts)
 
     @asynccontextmanager
     async def admission(self, tenant: Tenant | None, model: str) -> AsyncIterator[Pass]:
@@ -85,24 +116,17 @@ class Serving:
             await audit.record("entry", "rejected", tenant_ref=ref, model=model[:128],
                                entry_peer=d.peer, error_code="forbidden")
 
-    def _finish(self, admitted: Pass, call: ChatCall, job: Job, parts: list[str]) -> None:
+    def _finish(self, admitted: Pass, call: Call, job: Job, parts: list[str]) -> None:
         c = job.completion
-        self.gate.finish(admitted, c.prompt_tokens + c.completion_tokens)
+        tokens = c.prompt_tokens + (c.completion_tokens if call.request.modality == "text" else 0)
+        self.gate.finish(admitted, tokens)
         if admitted.keeps_content:
-            self.gate.log_content(admitted, job.request_id,
-                                  call.request.messages or call.request.prompt, "".join(parts))
+            self.gate.log_content(admitted, job.request_id, call.request.content(),
+                                  "".join(parts))
 
-    async def complete(self, call: ChatCall, kind: Kind, admitted: Pass) -> dict[str, Any]:
-        job = await self.start(call, kind, admitted)
-        parts: list[str] = []
-        try:
-            async with aclosing(job.batches()) as batches:
-                async for batch in batches:
-                    parts.extend(batch)
-        finally:
-            self._finish(admitted, call, job, parts)
-        completion = job.completion
-        text = "".join(parts)
+    async def complete(self, call: Call, admitted: Pass) -> dict[str, Any]:
+        job, text = await self.run(call, admitted)
+        completion, kind = job.completion, call.request.kind
         head = {"created": int(time.time()), "model": call.model}
         if kind == "chat":
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", **head,
@@ -116,10 +140,10 @@ class Serving:
                              "finish_reason": completion.finish_reason}],
                 "usage": _usage(completion), "system_fingerprint": None}
 
-    async def stream(self, call: ChatCall, kind: Kind, job: Job,
-                     admitted: Pass) -> AsyncIterator[bytes]:
+    async def stream(self, call: Call, job: Job, admitted: Pass) -> AsyncIterator[bytes]:
         """SSE events.  Errors after the first byte arrive as an error event before
         ``[DONE]``.  Closing the iterator (client gone) stops generation within a token."""
+        kind = call.request.kind
         head: dict[str, Any] = {"created": int(time.time()), "model": call.model,
                                 "system_fingerprint": None}
         if kind == "chat":
@@ -158,35 +182,20 @@ class Serving:
                 yield _sse({**head, "choices": [], "usage": _usage(job.completion)})
         except RequestError as exc:
             log.warning("stream failed: %s", exc)
-            yield _sse(error_body(str(exc), "server_error", code=type(exc).__name__))
+            row = spec(exc)
+            yield _sse(error_body(str(exc), row.type, param=exc.param, code=row.code))
         finally:
             self._finish(admitted, call, job, parts)
         yield b"data: [DONE]\n\n"
 
-    async def embeddings(self, call: EmbeddingsCall, body: dict[str, Any],
-                         admitted: Pass) -> dict[str, Any]:
-        """Here if this node serves the model (and meets the tenant's residency), else on
-        the best peer that does."""
-        remote = self.dispatcher.remote
-        residency = admitted.stamp.residency
-        here = self.scheduler.find(call.model) is not None and \
-            satisfies(self.dispatcher.jurisdiction, residency)
-        if not here and remote is not None and remote.serves(call.model):
-            vectors, prompt_tokens = await remote.embeddings(
-                call.model, body, len(call.inputs), admitted.stamp)
-        else:
-            engine = self.scheduler.lookup(call.model)
-            if not satisfies(self.dispatcher.jurisdiction, residency):
-                raise Forbidden(f"no node in {residency} serves model {call.model}")
-            async with self.scheduler.admit(engine):
-                result = await engine.embed(call.inputs)
-            vectors, prompt_tokens = result.vectors, result.prompt_tokens
-        self.gate.finish(admitted, prompt_tokens)
+    async def embeddings(self, call: Call, admitted: Pass) -> dict[str, Any]:
+        """Here or on the best peer, as the routing policy decides."""
+        job, _ = await self.run(call, admitted)
+        prompt_tokens = job.completion.prompt_tokens
         data = []
-        for i, vector in enumerate(vectors):
-            value: Any = vector
-            if call.base64:
-                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        for i, packed in enumerate(job.items):
+            value: Any = base64.b64encode(packed).decode() if call.base64 else \
+                list(struct.unpack(f"<{len(packed) // 4}f", packed))
             data.append({"object": "embedding", "index": i, "embedding": value})
         return {"object": "list", "data": data, "model": call.model,
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Literal
 __all__ = [
     "ModelCard",
     "TextRequest",
+    "ImageRequest",
     "Prepared",
     "Completion",
     "Embeddings",
@@ -57,6 +58,20 @@ class TextRequest:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What a client asked for (validated by the API layer; sizes by the engine)."""
+
+    prompt: str
+    n: int = 1
+    size: str | None = None  # "WxH"; None or "auto": the model's native size
+    quality: str | None = None  # one of QUALITIES: steps relative to the model's default
+    steps: int | None = None  # overrides quality
+    guidance: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
 
 
 @dataclass

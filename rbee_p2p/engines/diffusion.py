@@ -43,7 +43,7 @@ import outcome
 import trio
 
 from ..errors import EngineFailure, InvalidRequest
-from .base import ModelCard
+from .base import ImageRequest, ModelCard
 from .modelthread import ModelThread
 
 __all__ = [
@@ -100,20 +100,6 @@ def images_unavailable_reason() -> str | None:
     except Exception as exc:  # a broken install must not stop a text node
         return f"torch/diffusers failed to import: {type(exc).__name__}: {exc}"
     return None
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """What a client asked for (validated by the API layer; sizes by the engine)."""
-
-    prompt: str
-    n: int = 1
-    size: str | None = None  # "WxH"; None or "auto": the model's native size
-    quality: str | None = None  # one of QUALITIES: steps relative to the model's default
-    steps: int | None = None  # overrides quality
-    guidance: float | None = None
-    negative_prompt: str | None = None
-    seed: int | None = None
 
 
 @dataclass(frozen=True)

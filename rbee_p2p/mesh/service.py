@@ -7,10 +7,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import multiaddr
 import trio
@@ -18,9 +17,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from .. import __version__
-from ..api.schemas import ChatCall
-from ..dispatch import Kind, PeerUnavailable, Stamp
-from ..errors import Busy, Forbidden
+from ..dispatch.request import Request, Stamp
+from ..errors import Busy, PeerUnavailable
 from ..protocol.cadence import (BUDGET_PER_S, CEILING_MS, liveness_limits_ms,
                                 membership_interval_ms)
 from ..protocol.envelope import Verifier, seal
@@ -28,14 +26,14 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
-from ..routing import (DEFAULT_TOKENS_PER_S, DeviceFacts, ModelFacts, PeerFacts, Policy,
-                       Rejected, RequestFacts, Snapshot, decide, expected_ms, fastest,
-                       least_loaded)
+from ..routing import (DEFAULT_TOKENS_PER_S, DeviceFacts, ModelFacts, PeerFacts, RequestFacts,
+                       expected_ms)
 from ..routing.reputation import (Standing, after_failure, after_job, after_refusal,
                                   effective_speed, failure_penalty_ms, trust)
 from ..routing.sampling import peer_key, pick, pool
 from ..store.writer import AuditWriter
-from .forward import PROTOCOL_ID, Executor, Order, RemoteJob, Timing, fetch_items
+from .executor import PROTOCOL_ID, Executor, Timing
+from .remote import RemoteJob
 from .frames import FrameStream, end_quietly
 from .host import build_host, check_ports_free, psk_from_secret
 
@@ -482,59 +480,12 @@ class Mesh:
     def peer_bytes(self, peer_id: str) -> bytes:
         return self._ids.get(peer_id) or ID.from_base58(peer_id).to_bytes()
 
-    def _ranked(self, model: str, modality: str, stamp: Stamp, policy: Policy) -> list[bytes]:
-        """Live peers for a data request (images, embeddings), best first, within the
-        tenant's residency.  Raises Forbidden when residency rules every peer out."""
-        decision = decide(policy, RequestFacts(model=model, modality=modality, max_tokens=1,
-                                               tenant=stamp.tenant),
-                          Snapshot(None, self.peers()))
-        if isinstance(decision, Rejected):
-            if decision.kind == "forbidden":
-                raise Forbidden(decision.reason)
-            return []
-        return [self.peer_bytes(p) for p in decision.candidates]
+    def serves(self, model: str, modality: str = "text") -> bool:
+        return any(e.serves(model, modality) for e in self.peers())
 
-    def image_models(self) -> list[str]:
-        return sorted({m.name for e in self.table.alive() for m in e.advert.models
-                       if m.modality == "image"})
-
-    def serves_image(self, model: str) -> bool:
-        return any(e.serves(model, "image") for e in self.peers())
-
-    async def images(self, model: str, body: dict[str, Any], n: int,
-                     stamp: Stamp = Stamp()) -> list[bytes]:
-        """Run an image request on the least loaded peer serving ``model`` (the next one if
-        it cannot be reached).  Raises RequestError."""
-        peers = self._ranked(model, "image", stamp, least_loaded)
-        pngs, _ = await self._fetch(peers, Order(model, body, n), "image", stamp)
-        return pngs
-
-    async def embeddings(self, model: str, body: dict[str, Any], n: int,
-                         stamp: Stamp = Stamp()) -> tuple[list[list[float]], int]:
-        """Embeddings from the best peer serving text model ``model``: (vectors, prompt
-        tokens).  Raises RequestError."""
-        peers = self._ranked(model, "text", stamp, fastest)
-        arrays, receipt = await self._fetch(peers, Order(model, body, n), "embedding", stamp)
-        vectors = [list(struct.unpack(f"<{len(a) // 4}f", a)) for a in arrays]
-        return vectors, receipt.tokens_in if receipt else 0
-
-    async def _fetch(self, peers: list[bytes], order: Order, kind: Literal["image", "embedding"],
-                     stamp: Stamp) -> tuple[list[bytes], Any]:
-        failure: Exception | None = None
-        for peer in peers:
-            try:
-                return await fetch_items(
-                    peer, self._open_stream, order, kind, key=self.key,
-                    verifier=self.verifier, timing=self.config.timing, audit=self.audit,
-                    on_failure=self._suspect, stamp=stamp)
-            except PeerUnavailable as exc:
-                self._suspect(peer)
-                failure = exc
-        raise failure or PeerUnavailable(f"no reachable peer serves {order.model}")
-
-    def serves(self, model: str) -> bool:
-        return any(m.name == model for e in self.table.peers.values()
-                   if e.state is not PeerState.DEAD for m in e.advert.models)
+    def models(self) -> list[tuple[str, str, str]]:
+        """(model, modality, peer id) for every model a live peer advertises."""
+        return [(m.name, m.modality, p.id) for p in self.peers() for m in p.models]
 
     def report_failure(self, peer_id: str) -> None:
         self._suspect(self.peer_bytes(peer_id))
@@ -562,16 +513,15 @@ class Mesh:
             measured_tokens_per_s=measured, claimed_wait_ms=claimed_wait,
             observed_wait_ms=(job.first_at - job.started_at) * 1000)
 
-    def _admit_by(self, peer_id: bytes, call: ChatCall) -> int | None:
+    def _admit_by(self, peer_id: bytes, request: Request) -> int | None:
         """In a large swarm, when the peer should be done by our estimate (x 1.25, + 250 ms
         for the trip and clocks): it refuses if it would be later — someone else's job got
         there first — and the next candidate is tried (deadline admission; without it,
         requests herd)."""
         cached = self._facts.get(peer_id)
-        if not self._large.get(call.model) or cached is None:
+        if not self._large.get(request.model) or cached is None:
             return None
-        estimate = expected_ms(cached[1], RequestFacts(call.model,
-                                                       max_tokens=call.request.max_tokens))
+        estimate = expected_ms(cached[1], RequestFacts(request.model, max_tokens=request.units))
         return now_ms() + int(1.25 * estimate) + 250
 
     def _refused(self, peer_id: bytes) -> None:
@@ -626,15 +576,14 @@ class Mesh:
         if not lock.locked() and peer not in self.table.peers:
             self._dial_locks.pop(peer, None)
 
-    async def start(self, peer: str, call: ChatCall, kind: Kind,
-                    stamp: Stamp = Stamp()) -> RemoteJob:
+    async def start(self, peer: str, request: Request, stamp: Stamp = Stamp()) -> RemoteJob:
         peer_id = self.peer_bytes(peer)
         try:
-            job = await RemoteJob.start(peer_id, self._open_stream, call, kind, key=self.key,
+            job = await RemoteJob.start(peer_id, self._open_stream, request, key=self.key,
                                         verifier=self.verifier, timing=self.config.timing,
                                         audit=self.audit, on_failure=self._suspect, stamp=stamp,
                                         on_done=self._job_done,
-                                        admit_by_ms=self._admit_by(peer_id, call))
+                                        admit_by_ms=self._admit_by(peer_id, request))
         except Busy:
             self._refused(peer_id)
             raise

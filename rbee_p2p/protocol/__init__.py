@@ -30,6 +30,7 @@ from .messages import (
     Cancel,
     DeviceInfo,
     ErrorMessage,
+    ImageSpec,
     InferenceRequest,
     Message,
     ModelInfo,
@@ -38,6 +39,8 @@ from .messages import (
     ReceiptCountersign,
     ResultChunk,
     ResultEnd,
+    Sampling,
+    Turn,
 )
 from .receipts import OutputDigest, countersign, digest, verify_countersign, verify_receipt
 from .session import InferenceSession, SessionState
@@ -52,7 +55,7 @@ __all__ = [
     "NodeKey", "peer_id_from_str", "peer_id_to_str",
     "MESSAGE_TYPES", "AuditRecord", "CapabilityAdvert", "Cancel", "DeviceInfo",
     "ErrorMessage", "InferenceRequest", "Message", "ModelInfo", "Price", "Receipt",
-    "ReceiptCountersign", "ResultChunk", "ResultEnd",
+    "ReceiptCountersign", "ResultChunk", "ResultEnd", "Sampling", "Turn", "ImageSpec",
     "OutputDigest", "countersign", "digest", "verify_countersign", "verify_receipt",
     "InferenceSession", "SessionState",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Callable, ClassVar, TypeVar
 
 from .errors import UnknownType
-from .schema import Json, JsonLimits, Len, MaxItems, MaxLen, OneOf, Range, U64
+from .schema import Len, MaxItems, MaxLen, OneOf, Range, U64
 
 __all__ = [
     "Message",
@@ -27,6 +27,9 @@ __all__ = [
     "Price",
     "CapabilityAdvert",
     "InferenceRequest",
+    "Turn",
+    "Sampling",
+    "ImageSpec",
     "ResultChunk",
     "ResultEnd",
     "ErrorMessage",
@@ -49,6 +52,7 @@ Name = Annotated[str, MaxLen(128)]
 Millis = U64
 Count = Annotated[int, Range(0, 2**32 - 1)]
 Jurisdiction = Annotated[str, MaxLen(8)]  # "EU", "US", "DE", ...
+Text = Annotated[str, MaxLen(1 << 20)]  # prompt text (the envelope limit bounds the sum)
 
 MODALITIES = ("text", "embeddings", "image")
 REQUEST_KINDS = ("chat", "completion", "embedding", "image")
@@ -146,19 +150,59 @@ class CapabilityAdvert(Message):
     price: Price
 
 
-@message_type(2)
+@dataclass(frozen=True)
+class Turn:
+    """One chat message."""
+
+    role: Annotated[str, OneOf("system", "user", "assistant")]
+    content: Text
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample text (OpenAI's meanings; ``seed`` makes a sampled answer repeatable)."""
+
+    temperature: Annotated[float, Range(0, 2)] = 1.0
+    top_p: Annotated[float, Range(0, 1)] = 1.0
+    seed: U64 | None = None
+    stop: Annotated[tuple[Annotated[str, MaxLen(256)], ...], MaxItems(16)] = ()
+    presence_penalty: Annotated[float, Range(-2, 2)] = 0.0
+    frequency_penalty: Annotated[float, Range(-2, 2)] = 0.0
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What an image request asks for; ``n`` is ``InferenceRequest.max_tokens``."""
+
+    size: Annotated[str, MaxLen(16)] | None = None  # "WxH"; absent: the model's own
+    quality: Annotated[str, MaxLen(16)] | None = None
+    steps: Annotated[int, Range(1, 1000)] | None = None
+    guidance: Annotated[float, Range(0, 100)] | None = None
+    negative_prompt: Text | None = None
+    seed: U64 | None = None
+
+
+# Type 2 was the first InferenceRequest, whose ``params`` was the OpenAI body as JSON: retired
+# (never reused) when requests became typed.
+@message_type(10)
 @dataclass(frozen=True)
 class InferenceRequest(Message):
-    """Ask ``target`` to run one job.  ``params`` is the OpenAI request body (JSON data)."""
+    """Ask ``target`` to run one job of ``kind``: ``messages`` (chat), ``prompt``
+    (completion; the image prompt), ``inputs`` (embedding), with ``sampling`` for text and
+    ``image`` for images.  ``max_tokens``: tokens to generate, images to make, or inputs."""
 
     request_id: RequestId
     target: PeerIdBytes
     model: Name
     kind: Annotated[str, OneOf(*REQUEST_KINDS)]
-    params: Annotated[Json, JsonLimits()]
     stream: bool
     max_tokens: Count
     deadline_ms: Millis  # absolute wall-clock time after which the result is useless
+    messages: Annotated[tuple[Turn, ...], MaxItems(1024)] | None = None
+    prompt: Text | None = None
+    inputs: Annotated[tuple[Text, ...], MaxItems(256)] | None = None
+    sampling: Sampling | None = None
+    image: ImageSpec | None = None
     model_digest: Digest | None = None  # expected model, if the requester pins one
     tenant_ref: Digest | None = None  # keyed hash of the tenant, never the API key
     residency: Jurisdiction | None = None  # required jurisdiction of the executor

@@ -148,6 +148,7 @@ class RequestFacts:
     max_tokens: int = 256
     prompt_tokens: int = 0
     tenant: TenantFacts | None = None
+    kind: str = ""  # "chat", "completion", "embedding", "image" ("" when not said)
 
     @property
     def tokens_estimate(self) -> int:
@@ -156,7 +157,8 @@ class RequestFacts:
     def as_dict(self) -> dict[str, Any]:
         tenant = self.tenant
         return {
-            "model": self.model, "modality": self.modality, "max_tokens": self.max_tokens,
+            "model": self.model, "modality": self.modality, "kind": self.kind,
+            "max_tokens": self.max_tokens,
             "prompt_tokens": self.prompt_tokens, "tokens": self.tokens_estimate,
             "tenant": None if tenant is None else
             {"id": tenant.id, "tier": tenant.tier, "residency": tenant.residency},
@@ -174,7 +176,8 @@ class RequestFacts:
             None if t.get("residency") is None else str(t["residency"]))
         return cls(model=data["model"], modality=str(data.get("modality", "text")),
                    max_tokens=int(data.get("max_tokens", 256)),
-                   prompt_tokens=int(data.get("prompt_tokens", 0)), tenant=tenant)
+                   prompt_tokens=int(data.get("prompt_tokens", 0)), tenant=tenant,
+                   kind=str(data.get("kind", "")))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ decision sends only the fragments the store lacks plus the peers' keys in order
 ``cancelled``, which the interpreter polls (every few thousand steps) and which stops
 loops and long evaluations.  What polling cannot stop (one huge allocation or string, a
 sort of millions) is the caller's business: the node evaluates in a worker process with resource
-limits (``rbee_p2p/policyworker.py``).
+limits (``rbee_p2p/policy_runtime/worker.py``).
 """
 
 from __future__ import annotations

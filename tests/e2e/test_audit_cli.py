@@ -19,7 +19,7 @@ from rbee_p2p.config import audit_path, key_path
 from rbee_p2p.store.audit import AuditLog, read_frames, receipts_path
 from rbee_p2p.store.audit_read import content_path
 from rbee_p2p.store.keys import load_or_create_key
-from rbee_p2p.tenants import TenantBook
+from rbee_p2p.tenancy.tenants import TenantBook
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]

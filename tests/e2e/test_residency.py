@@ -14,7 +14,7 @@ from test_audit_cli import audit
 from test_mesh import audit_records, knows
 
 from rbee_p2p.protocol.identity import peer_id_from_str
-from rbee_p2p.tenants import TenantBook
+from rbee_p2p.tenancy.tenants import TenantBook
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello."}]

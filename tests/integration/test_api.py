@@ -188,10 +188,10 @@ async def test_closing_a_stream_ends_the_job_and_frees_the_model(tmp_path, autoj
 
     call = parse_chat({**CHAT, "max_tokens": 100, "stream": True}, node.limits)
     admitted = node.gate.admit(None, "fake")
-    job = await node.serving.start(call, "chat", admitted)
+    job = await node.serving.start(call, admitted)
     received = 0
     with trio.CancelScope() as scope:
-        async for _ in node.serving.stream(call, "chat", job, admitted):
+        async for _ in node.serving.stream(call, job, admitted):
             received += 1
             if received == 4:  # role chunk + 3 token chunks
                 scope.cancel()

@@ -3,7 +3,8 @@
 import pytest
 
 from rbee_p2p.api.schemas import Limits, parse_chat
-from rbee_p2p.dispatch import Dispatcher, LocalJob, PeerUnavailable
+from rbee_p2p.dispatch import Dispatcher, LocalJob
+from rbee_p2p.errors import PeerUnavailable
 from rbee_p2p.engines.base import Completion
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
@@ -16,6 +17,7 @@ class FakeJob:
         self.where = peer
         self.dies = dies  # accepted, then gone before the first token
         self.request_id = bytes(16)
+        self.items = []
         self.completion = Completion(completion_tokens=1, finish_reason="stop")
 
     async def batches(self):
@@ -34,10 +36,13 @@ class FakeRemote:
         return tuple(PeerFacts(id=p, models=(ModelFacts("m", tokens_per_s=tps),), max_queue=16)
                      for p, tps in self.peers_.items())
 
-    def serves(self, model):
+    def serves(self, model, modality):
         return model == "m" and bool(self.peers_)
 
-    async def start(self, peer_id, call, kind, stamp):
+    def models(self):
+        return [("m", "text", p) for p in self.peers_]
+
+    async def start(self, peer_id, request, stamp):
         self.tried.append(peer_id)
         if peer_id in self.fail:
             raise PeerUnavailable("gone")
@@ -53,7 +58,7 @@ class FakeRemote:
 
 def call(model="m", max_tokens=10):
     return parse_chat({"model": model, "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": max_tokens}, Limits())
+                       "max_tokens": max_tokens}, Limits()).request
 
 
 def dispatcher(remote, local=True, busy_local=False):
@@ -65,19 +70,19 @@ def dispatcher(remote, local=True, busy_local=False):
 
 
 async def test_idle_local_wins_ties():
-    job = await dispatcher(FakeRemote({"p": 0.0})).start(call(), "chat")
+    job = await dispatcher(FakeRemote({"p": 0.0})).start(call())
     assert isinstance(job, LocalJob) and job.where is None
 
 
 async def test_faster_peer_wins_and_failures_move_on():
     remote = FakeRemote({"a": 500.0, "": 400.0}, fail=["a"])
-    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    job = await dispatcher(remote, busy_local=True).start(call())
     assert job.where == "" and remote.tried == ["a", ""] and remote.failed == ["a"]
 
 
 async def test_a_peer_dying_after_accepting_hands_over_before_the_first_token():
     remote = FakeRemote({"a": 500.0, "b": 400.0, "c": 300.0}, dies=["a", "b"])
-    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    job = await dispatcher(remote, busy_local=True).start(call())
     assert job.where == "a"  # accepted
     assert [b async for b in job.batches()] == [["remote c"]]
     assert job.where == "c" and remote.tried == ["a", "b", "c"]
@@ -85,28 +90,28 @@ async def test_a_peer_dying_after_accepting_hands_over_before_the_first_token():
 
 async def test_all_peers_failing_falls_back_to_local():
     remote = FakeRemote({"a": 500.0}, fail=["a"])
-    job = await dispatcher(remote, busy_local=True).start(call(), "chat")
+    job = await dispatcher(remote, busy_local=True).start(call())
     assert job.where is None
 
 
 async def test_without_local_model_errors_surface():
     remote = FakeRemote({"a": 100.0}, fail=["a"])
     with pytest.raises(PeerUnavailable):
-        await dispatcher(remote, local=False).start(call(), "chat")
+        await dispatcher(remote, local=False).start(call())
     with pytest.raises(Busy):
-        await dispatcher(FakeRemote({"a": 1.0}, busy=["a"]), local=False).start(call(), "chat")
+        await dispatcher(FakeRemote({"a": 1.0}, busy=["a"]), local=False).start(call())
 
 
 async def test_a_bad_request_is_not_retried_elsewhere():
     remote = FakeRemote({"a": 500.0, "": 400.0}, bad=["a"])
     with pytest.raises(InvalidRequest):
-        await dispatcher(remote, local=False).start(call(), "chat")
+        await dispatcher(remote, local=False).start(call())
     assert remote.tried == ["a"]
 
 
 async def test_unknown_model_is_404_even_with_peers():
     with pytest.raises(ModelNotFound):
-        await dispatcher(FakeRemote({"a": 1.0})).start(call("nope"), "chat")
+        await dispatcher(FakeRemote({"a": 1.0})).start(call("nope"))
 
 
 async def test_remote_job_is_served_by_the_api(tmp_path, autojump_clock):
@@ -129,5 +134,6 @@ async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, a
     node.dispatcher.remote = FakeRemote({"a": 100.0}, fail=["a"])
     r = await node.app.test_client().post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 500  # PeerUnavailable is an EngineFailure: 500, found via the MRO
-    assert (await r.get_json())["error"]["type"] == "server_error"
+    assert r.status_code == 502  # no peer could be reached: a gateway error, not a 400
+    error = (await r.get_json())["error"]
+    assert error["type"] == "server_error" and error["code"] == "peer_unavailable"

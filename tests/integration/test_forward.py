@@ -8,11 +8,14 @@ import trio
 import trio.testing
 
 from rbee_p2p.api.schemas import Limits, parse_chat
-from rbee_p2p.dispatch import PeerUnavailable, Stamp
+from rbee_p2p.dispatch import Dispatcher, Request, Stamp
+from rbee_p2p.engines.base import ImageRequest
+from rbee_p2p.engines.diffusion import ImageResult, ScriptedImageEngine
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
-from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest
-from rbee_p2p.mesh.forward import Executor, RemoteJob, Timing
+from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest, PeerUnavailable
+from rbee_p2p.mesh.executor import Executor, Timing
+from rbee_p2p.mesh.remote import RemoteJob
 from rbee_p2p.protocol.envelope import Verifier
 from rbee_p2p.routing import TenantFacts
 
@@ -50,7 +53,14 @@ class Audit:
 
 def call(max_tokens=6, **body):
     return parse_chat({"model": "fake", "messages": [{"role": "user", "content": "hi there"}],
-                       "max_tokens": max_tokens, **body}, Limits())
+                       "max_tokens": max_tokens, **body}, Limits()).request
+
+
+def executor(engines=None, scheduler=None, where="", **kwargs):
+    """An executor on B serving ``engines`` through its own dispatcher."""
+    scheduler = scheduler or Scheduler(engines or [])
+    return Executor(B, Verifier(), Dispatcher(scheduler, jurisdiction=where).run_here,
+                    Limits(), jurisdiction=where, timing=TIMING, **kwargs)
 
 
 @pytest.fixture
@@ -62,20 +72,19 @@ def mesh(nursery):
                     admit_by_ms=None):
         engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
         scheduler = scheduler or Scheduler([engine])
-        executor = Executor(B, Verifier(), scheduler, Limits(), jurisdiction=where,
-                            audit=audits["B"], timing=TIMING)
+        server = executor(scheduler=scheduler, where=where, audit=audits["B"])
 
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
             start.served.append(right)
             if serve:
-                nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+                nursery.start_soon(server.handle, Mem(right), A.peer_id)
             return Mem(left)
 
-        job = await RemoteJob.start(B.peer_id, open_stream, c, "chat", key=A, verifier=Verifier(),
+        job = await RemoteJob.start(B.peer_id, open_stream, c, key=A, verifier=Verifier(),
                                     timing=TIMING, audit=audits["A"], stamp=stamp,
                                     admit_by_ms=admit_by_ms)
-        return job, engine, executor
+        return job, engine, server
 
     start.audits = audits
     start.served = []  # the executor's ends of the streams
@@ -115,7 +124,7 @@ async def test_the_executor_accepts_at_once_and_a_loss_before_output_can_move(me
 
 
 async def test_deadline_admission_refuses_what_it_would_finish_too_late(mesh, autojump_clock):
-    from rbee_p2p.mesh.forward import now_ms
+    from rbee_p2p.mesh.executor import now_ms
 
     # 6 tokens at the default 50 tok/s: ~120 ms of work here, nothing queued ahead
     with pytest.raises(Busy, match="after the requester's estimate"):
@@ -212,17 +221,17 @@ async def test_engine_failure_mid_stream_becomes_an_error(mesh, autojump_clock):
 
 async def test_a_peer_dying_mid_stream_is_an_error_and_reported(nursery, autojump_clock):
     engine = ScriptedEngine("fake", token_seconds=0.1, batch=1)
-    executor = Executor(B, Verifier(), Scheduler([engine]), Limits(), timing=TIMING)
+    server = executor([engine])
     failed = []
     streams = []
 
     async def open_stream(peer, fresh):
         left, right = trio.testing.memory_stream_pair()
         streams.append(right)
-        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        nursery.start_soon(server.handle, Mem(right), A.peer_id)
         return Mem(left)
 
-    job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=50), "chat", key=A,
+    job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=50), key=A,
                                 verifier=Verifier(), timing=TIMING, on_failure=failed.append)
     got = []
     with pytest.raises(EngineFailure, match="mid-stream"):
@@ -236,117 +245,101 @@ async def test_a_peer_dying_mid_stream_is_an_error_and_reported(nursery, autojum
 
 async def test_a_dead_pre_opened_stream_is_replaced_by_a_fresh_one(nursery, autojump_clock):
     engine = ScriptedEngine("fake", script="ok", token_seconds=0.1)
-    executor = Executor(B, Verifier(), Scheduler([engine]), Limits(), timing=TIMING)
+    server = executor([engine])
     asked = []
 
     async def open_stream(peer, fresh):
         asked.append(fresh)
         left, right = trio.testing.memory_stream_pair()
         if fresh:
-            nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+            nursery.start_soon(server.handle, Mem(right), A.peer_id)
         else:
             await right.aclose()  # the peer restarted since this stream was opened
         return Mem(left)
 
-    job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=2), "chat", key=A,
+    job = await RemoteJob.start(B.peer_id, open_stream, call(max_tokens=2), key=A,
                                 verifier=Verifier(), timing=TIMING)
     assert await collect(job) == "ok ok" and asked == [False, True]
 
 
 async def test_a_request_signed_by_someone_else_is_refused(nursery, autojump_clock):
     """The executor only takes requests signed by the peer at the other end of the stream."""
-    executor = Executor(B, Verifier(), Scheduler([ScriptedEngine("fake")]), Limits(),
-                        timing=TIMING)
+    server = executor([ScriptedEngine("fake")])
     impostor = samples.NodeKey.from_seed(bytes([9]) * 32)
 
     async def open_stream(peer, fresh):
         left, right = trio.testing.memory_stream_pair()
         # the stream's authenticated remote is A, but the request will be signed by another
-        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+        nursery.start_soon(server.handle, Mem(right), A.peer_id)
         return Mem(left)
 
     with pytest.raises(PeerUnavailable, match="misdirected"):
-        await RemoteJob.start(B.peer_id, open_stream, call(), "chat", key=impostor,
+        await RemoteJob.start(B.peer_id, open_stream, call(), key=impostor,
                               verifier=Verifier(), timing=TIMING)
-    assert executor.served == 0
+    assert server.served == 0
 
 
-class FakeImages:
+class BigImages(ScriptedImageEngine):
+    """An image model whose PNGs are given (one larger than a chunk), made slowly."""
+
     def __init__(self, pngs):
+        super().__init__("painter")
         self.pngs = pngs
-        self.asked = []
 
-    def serves(self, model):
-        return model == "painter"
-
-    def digest(self, model):
-        return bytes(32)
-
-    async def run(self, model, params):
-        self.asked.append(params)
+    async def generate(self, job):
+        self.jobs.append(job)
         await trio.sleep(3)  # slower than a heartbeat: the requester must wait, not give up
-        return self.pngs
+        return ImageResult(list(self.pngs[:job.n]))
+
+
+async def run_remote(nursery, server, request):
+    async def open_stream(peer, fresh):
+        left, right = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle, Mem(right), A.peer_id)
+        return Mem(left)
+
+    job = await RemoteJob.start(B.peer_id, open_stream, request, key=A, verifier=Verifier(),
+                                timing=TIMING)
+    assert await collect(job) == ""  # data, not text
+    return job
 
 
 async def test_images_are_forwarded_whole_even_when_larger_than_a_chunk(nursery, autojump_clock):
-    from rbee_p2p.mesh.forward import Order, fetch_items
-
     pngs = [b"\x89PNG" + bytes(700 * 1024), b"\x89PNG small"]
-    images = FakeImages(pngs)
-    executor = Executor(B, Verifier(), Scheduler([]), Limits(), timing=TIMING, images=images)
-
-    async def open_stream(peer, fresh):
-        left, right = trio.testing.memory_stream_pair()
-        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
-        return Mem(left)
-
-    order = Order(model="painter", body={"prompt": "a bee", "n": 2}, n=2)
-    got, receipt = await fetch_items(B.peer_id, open_stream, order, "image", key=A,
-                                     verifier=Verifier(), timing=TIMING)
-    assert receipt.tokens_out == 2
-    assert got == pngs and images.asked == [{"prompt": "a bee", "n": 2}]
+    images = BigImages(pngs)
+    server = executor([images])
+    job = await run_remote(nursery, server, Request("image", "painter",
+                                                   image=ImageRequest("a bee", n=2)))
+    assert job.receipt.tokens_out == 2 and job.items == pngs
+    assert [(j.prompt, j.n) for j in images.jobs] == [("a bee", 2)]
     with pytest.raises(PeerUnavailable):  # not an image model there: try another peer
-        await fetch_items(B.peer_id, open_stream, Order(model="other", body={}), "image",
-                          key=A, verifier=Verifier(), timing=TIMING)
+        await run_remote(nursery, server, Request("image", "other", image=ImageRequest("x")))
 
 
 async def test_embeddings_are_forwarded(nursery, autojump_clock):
-    from rbee_p2p.mesh.forward import Order, fetch_items
-
-    engine = ScriptedEngine("fake")
-    executor = Executor(B, Verifier(), Scheduler([engine]), Limits(), timing=TIMING)
-
-    async def open_stream(peer, fresh):
-        left, right = trio.testing.memory_stream_pair()
-        nursery.start_soon(executor.handle, Mem(right), A.peer_id)
-        return Mem(left)
-
-    body = {"model": "fake", "input": ["a b", "c"]}
-    arrays, receipt = await fetch_items(B.peer_id, open_stream, Order("fake", body, 2),
-                                        "embedding", key=A, verifier=Verifier(), timing=TIMING)
-    expected = (await engine.embed(["a b", "c"])).vectors
     import struct
 
-    got = [list(struct.unpack("<8f", a)) for a in arrays]
+    engine = ScriptedEngine("fake")
+    job = await run_remote(nursery, executor([engine]),
+                           Request("embedding", "fake", inputs=("a b", "c")))
+    expected = (await engine.embed(["a b", "c"])).vectors
+    got = [list(struct.unpack("<8f", a)) for a in job.items]
     assert len(got) == 2 and all(g == pytest.approx(e) for g, e in zip(got, expected))
-    assert receipt.tokens_in == 3
+    assert job.receipt.tokens_in == 3
 
 
 async def test_a_request_past_its_deadline_is_refused_and_tried_elsewhere(autojump_clock):
     import dataclasses
 
-    import rbee_p2p.mesh.forward as forward
-
     late = dataclasses.replace(TIMING, deadline_s=-1.0)
-    executor = Executor(B, Verifier(), Scheduler([ScriptedEngine("fake")]), Limits(),
-                        timing=TIMING)
+    server = executor([ScriptedEngine("fake")])
     async with trio.open_nursery() as nursery:
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
-            nursery.start_soon(executor.handle, Mem(right), A.peer_id)
+            nursery.start_soon(server.handle, Mem(right), A.peer_id)
             return Mem(left)
 
         with pytest.raises(PeerUnavailable, match="deadline"):
-            await forward.RemoteJob.start(B.peer_id, open_stream, call(), "chat", key=A,
-                                          verifier=Verifier(), timing=late)
-    assert executor.served == 0
+            await RemoteJob.start(B.peer_id, open_stream, call(), key=A,
+                                  verifier=Verifier(), timing=late)
+    assert server.served == 0

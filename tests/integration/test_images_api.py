@@ -118,7 +118,7 @@ async def test_generation_failure_is_500_and_the_node_keeps_serving(tmp_path, au
     assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
     engine.fail = False
     assert (await client.post("/v1/images/generations", json=IMG)).status_code == 200
-    assert node.images.failures == {"img": 1}
+    assert node.dispatcher.failures == {"img": 1}
 
 
 async def test_text_and_images_run_side_by_side(tmp_path, autojump_clock):
@@ -196,7 +196,7 @@ async def test_a_cancelled_request_stops_the_job_and_frees_the_model(tmp_path, a
 
     call = parse_images(IMG, node.images.limits)
     with trio.move_on_after(5):
-        await node.images.generate(call, "http://x/")
+        await node.images.generate(call, "http://x/", node.gate.admit(None, "img"))
     assert engine.cancelled == 1 and engine.steps_run <= 5
     assert node.scheduler.load("img").active == 0
     assert node.capacity.limiter("cpu", "image").borrowed_tokens == 0

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from rbee_p2p.errors import ConfigError
-from rbee_p2p.policies import FALLBACK, InProcessEvaluator, PolicyRuntime
+from rbee_p2p.policy_runtime.runtime import FALLBACK, InProcessEvaluator, PolicyRuntime
 from rbee_p2p.routing import (BUILTINS, ModelFacts, PeerFacts, Ranked, Rejected, RequestFacts,
                               Snapshot, TenantFacts, decide)
 from rbee_p2p.routing.script import ScriptError
@@ -246,7 +246,8 @@ async def test_a_burst_falls_back_instead_of_queueing(tmp_path, autojump_clock):
 
 
 async def test_the_dispatcher_routes_by_the_script(tmp_path, autojump_clock):
-    from rbee_p2p.dispatch import Dispatcher
+    from rbee_p2p.dispatch import Dispatcher, Request, Stamp
+    from rbee_p2p.engines.base import TextRequest
     from rbee_p2p.engines.fake import ScriptedEngine
     from rbee_p2p.engines.scheduler import Scheduler
 
@@ -257,6 +258,7 @@ async def test_the_dispatcher_routes_by_the_script(tmp_path, autojump_clock):
         runtime = await started(nursery, runtime_for(path))
         dispatcher = Dispatcher(Scheduler([ScriptedEngine("m")]), local_id="local",
                                 router=runtime.route)
-        _, ranked = await dispatcher.plan(REQ)
+        _, ranked = await dispatcher.plan(Request("chat", REQ.model, text=TextRequest(
+            max_tokens=REQ.max_tokens, prompt="x")), Stamp())
         assert ranked == Ranked(("local",), "starlark:p.star")
         nursery.cancel_scope.cancel()

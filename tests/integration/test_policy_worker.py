@@ -1,4 +1,4 @@
-"""The Starlark sandbox: policies in a worker process (rbee_p2p/policyworker.py) under
+"""The Starlark sandbox: policies in a worker process (rbee_p2p/policy_runtime/worker.py) under
 resource limits, killed past their deadline.  These start real child processes and wait
 on them (real time, bounded: well under a second each when the machine is idle); no
 test sleeps."""
@@ -9,8 +9,8 @@ import time
 import pytest
 import trio
 
-from rbee_p2p.policies import FALLBACK, PolicyRuntime, WorkerEvaluator
-from rbee_p2p.policyworker import FrameReader, encode_frame
+from rbee_p2p.policy_runtime.runtime import FALLBACK, PolicyRuntime, WorkerEvaluator
+from rbee_p2p.policy_runtime.worker import FrameReader, encode_frame
 from rbee_p2p.routing import (BUILTINS, ModelFacts, PeerFacts, Ranked, Rejected, RequestFacts,
                               Snapshot, decide)
 from rbee_p2p.routing.script import ScriptError

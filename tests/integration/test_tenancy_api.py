@@ -9,7 +9,7 @@ from rbee_p2p.config import NodeConfig
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.errors import ConfigError
 from rbee_p2p.node import Node, check_exposure
-from rbee_p2p.tenants import TenantBook
+from rbee_p2p.tenancy.tenants import TenantBook
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello there"}],
         "max_tokens": 4}

@@ -12,7 +12,7 @@ PROTOCOL = Path(__file__).parents[2] / "protocol"
 CDDL = (PROTOCOL / "rbee.cddl").read_text()
 CASES = json.loads((PROTOCOL / "vectors" / "envelopes.json").read_text())["cases"]
 VALID = [c for c in CASES if c["expected"] == "valid"]
-PAYLOAD_RULES = {1: "capability-advert", 2: "inference-request", 3: "result-chunk",
+PAYLOAD_RULES = {1: "capability-advert", 10: "inference-request", 3: "result-chunk",
                  4: "result-end", 5: "error-message", 6: "cancel", 7: "audit-record",
                  8: "receipt", 9: "receipt-countersign"}
 

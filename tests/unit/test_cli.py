@@ -48,7 +48,7 @@ def test_unsafe_key_is_a_clear_error(tmp_path, monkeypatch, capsys):
 def test_audit_since_takes_a_date_or_an_iso_datetime():
     import argparse
 
-    from rbee_p2p.audit_cli import parse_since
+    from rbee_p2p.cli.audit import parse_since
 
     day = parse_since("2026-09-01")
     assert day == 1788220800000

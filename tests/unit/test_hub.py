@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from rbee_p2p.cli import main
-from rbee_p2p.engines.hub import PullError, select_files, status_lines
+from rbee_p2p.cli.pull import PullError, select_files, status_lines
 
 SD_REPO = [
     "README.md", "model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",

@@ -28,9 +28,12 @@ def test_every_registered_type_has_a_sample_and_round_trips():
 def test_type_numbers_are_stable():
     # Append-only: these numbers are on the wire and in the spec; never change them.
     assert {n: c.__name__ for n, c in MESSAGE_TYPES.items()} == {
-        1: "CapabilityAdvert", 2: "InferenceRequest", 3: "ResultChunk", 4: "ResultEnd",
-        5: "ErrorMessage", 6: "Cancel", 7: "AuditRecord", 8: "Receipt", 9: "ReceiptCountersign",
+        1: "CapabilityAdvert", 3: "ResultChunk", 4: "ResultEnd", 5: "ErrorMessage",
+        6: "Cancel", 7: "AuditRecord", 8: "Receipt", 9: "ReceiptCountersign",
+        10: "InferenceRequest",  # 2 (requests with an OpenAI JSON body) is retired
     }
+    with pytest.raises(UnknownType):
+        messages.class_for_type(2)
 
 
 def test_type_numbers_cannot_be_reused():
@@ -98,15 +101,19 @@ def test_integer_accepted_where_a_float_is_expected():
 
 
 @pytest.mark.parametrize(
-    "params, fragment",
+    "path, value, fragment",
     [
-        ({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {}}}}}}}}}}, "deeper"),
-        ({"list": list(range(5000))}, "more than 4096 items"),
-        ({"x": b"bytes"}, "not JSON data"),
+        (["messages", 0, "role"], "tool", "one of"),
+        (["messages"], [{"role": "user", "content": "x"}] * 1025, "more than 1024"),
+        (["messages", 0, "content"], "x" * ((1 << 20) + 1), "bytes"),
+        (["sampling", "temperature"], 2.5, "outside"),
+        (["sampling", "stop"], ["s"] * 17, "more than 16"),
+        (["inputs"], ["x"] * 257, "more than 256"),
+        (["image"], {"steps": 0}, "outside"),
     ],
 )
-def test_request_params_are_limited_json(params, fragment):
-    wire = _wire_with(InferenceRequest, samples.request(), ["params"], params)
+def test_request_fields_are_typed_and_bounded(path, value, fragment):
+    wire = _wire_with(InferenceRequest, samples.request(), path, value)
     with pytest.raises(InvalidSchema, match=fragment):
         from_wire(InferenceRequest, wire)
 

@@ -41,14 +41,14 @@ def test_start_takes_a_policy_flag():
 
 
 def test_status_shows_the_policy(monkeypatch, capsys):
-    from rbee_p2p import cli
+    from rbee_p2p.cli import commands as cli
 
     status = {"peer_id": "12D3KooWx", "version": "0", "models": [], "policy": {
         "policy": "starlark:tiers.star", "file": "/p/tiers.star", "loaded": False,
         "decisions": 7, "fallbacks": 2, "last_error": {"kind": "syntax",
                                                        "message": "tiers.star:3:1: oops"}}}
     monkeypatch.setattr(cli, "_fetch_status", lambda url: status)
-    monkeypatch.setattr("rbee_p2p.engines.hub.status_lines", lambda s: [])
+    monkeypatch.setattr("rbee_p2p.cli.pull.status_lines", lambda s: [])
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
     assert "policy   starlark:tiers.star (NOT loaded: fastest decides; 7 decisions, 2 by the " \
@@ -57,7 +57,7 @@ def test_status_shows_the_policy(monkeypatch, capsys):
 
 def test_pins_from_toml_and_flags_make_the_builtin_pinned(tmp_path):
     from rbee_p2p.config import load_config
-    from rbee_p2p.policies import PolicyRuntime
+    from rbee_p2p.policy_runtime.runtime import PolicyRuntime
     from rbee_p2p.routing import DeviceFacts, ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot
 
     config = tmp_path / "c.toml"
@@ -75,7 +75,7 @@ def test_pins_from_toml_and_flags_make_the_builtin_pinned(tmp_path):
 
 def test_pins_are_refused_with_a_script(tmp_path):
     from rbee_p2p.errors import ConfigError
-    from rbee_p2p.policies import PolicyRuntime
+    from rbee_p2p.policy_runtime.runtime import PolicyRuntime
 
     script = tmp_path / "p.star"
     script.write_text("def route(request, peers, local):\n    return []\n")

@@ -15,11 +15,11 @@ def test_chat_defaults_and_fields():
     call = chat(max_tokens=5, temperature=0.2, top_p=0.9, seed=3, stop="x",
                 presence_penalty=1, frequency_penalty=-1, stream=True,
                 stream_options={"include_usage": True}, user="u")
-    r = call.request
+    r = call.request.text
     assert (r.max_tokens, r.temperature, r.top_p, r.seed, r.stop) == (5, 0.2, 0.9, 3, ("x",))
     assert (r.presence_penalty, r.frequency_penalty) == (1.0, -1.0)
     assert call.stream and call.include_usage
-    assert chat().request.max_tokens == 10 and chat().request.temperature == 1.0
+    assert chat().request.text.max_tokens == 10 and chat().request.text.temperature == 1.0
 
 
 def test_max_completion_tokens_wins_and_roles_map():
@@ -27,8 +27,8 @@ def test_max_completion_tokens_wins_and_roles_map():
                 messages=[{"role": "developer", "content": [{"type": "text", "text": "a"},
                                                              {"type": "text", "text": "b"}]},
                           {"role": "assistant", "content": None}, *MSG])
-    assert call.request.max_tokens == 7
-    assert call.request.messages[0] == {"role": "system", "content": "ab"}
+    assert call.request.text.max_tokens == 7
+    assert call.request.text.messages[0] == {"role": "system", "content": "ab"}
 
 
 @pytest.mark.parametrize(
@@ -67,18 +67,18 @@ def test_chat_rejections_name_the_parameter(body, param):
 
 
 def test_completion_prompt_forms():
-    assert parse_completion({"model": "m", "prompt": "a"}, L).request.prompt == "a"
-    assert parse_completion({"model": "m", "prompt": ["a"]}, L).request.prompt == "a"
-    assert parse_completion({"model": "m", "prompt": "a"}, L).request.max_tokens == 16
+    assert parse_completion({"model": "m", "prompt": "a"}, L).request.text.prompt == "a"
+    assert parse_completion({"model": "m", "prompt": ["a"]}, L).request.text.prompt == "a"
+    assert parse_completion({"model": "m", "prompt": "a"}, L).request.text.max_tokens == 16
     for bad in (["a", "b"], [1, 2], None):
         with pytest.raises(InvalidRequest):
             parse_completion({"model": "m", "prompt": bad}, L)
 
 
 def test_embeddings_inputs():
-    assert parse_embeddings({"model": "m", "input": "a"}, L).inputs == ["a"]
+    assert parse_embeddings({"model": "m", "input": "a"}, L).request.inputs == ("a",)
     call = parse_embeddings({"model": "m", "input": ["a", "b"], "encoding_format": "base64"}, L)
-    assert call.inputs == ["a", "b"] and call.base64
+    assert call.request.inputs == ("a", "b") and call.base64
     for bad in ({"input": []}, {"input": [1]}, {"input": [""]}, {"encoding_format": "hex"},
                 {"dimensions": 8}, {"input": ["x"] * 300}):
         with pytest.raises(InvalidRequest):

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from rbee_p2p.errors import ConfigError, Forbidden, QuotaExceeded, Unauthorized
-from rbee_p2p.tenants import KEY_PREFIX, Quotas, TenantBook
+from rbee_p2p.tenancy.tenants import KEY_PREFIX, Quotas, TenantBook
 
 DAY = 86_400
 T0 = 1_700_000_000.0 - (1_700_000_000 % DAY) + 3600  # 01:00 UTC on some day

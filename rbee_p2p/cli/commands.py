@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 from typing import Sequence
 
-from . import __version__
-from .config import DEFAULT_PORT, data_dir, key_path
-from .errors import ConfigError, RbeeError
+from .. import __version__
+from ..config import DEFAULT_PORT, data_dir, key_path
+from ..errors import ConfigError, RbeeError
 
 __all__ = ["main", "build_parser"]
 
@@ -22,7 +22,7 @@ best peer.  State (identity key, audit log) lives in $RBEE_HOME (default
 
 
 def _cmd_id(args: argparse.Namespace) -> int:
-    from .store.keys import load_or_create_key
+    from ..store.keys import load_or_create_key
 
     key = load_or_create_key(key_path(data_dir()))
     print(key.peer_id_str)
@@ -34,8 +34,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
     import trio
 
-    from .config import load_config, parse_model_arg
-    from .node import run_node
+    from ..config import load_config, parse_model_arg
+    from ..node import run_node
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,7 +124,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"  {m['name']}{aliases}: {m['modality']} on {m.get('device', '?')}{context}, "
               f"queue {m['queue_depth']}, active {m['active']}, "
               f"served {m['requests_served']}, digest {m['digest'][:16]}…")
-    from .engines.hub import status_lines
+    from .pull import status_lines
 
     for line in status_lines(status):  # devices, images, models that did not fit
         print(line)
@@ -145,7 +145,7 @@ def _json_arg(text: str, what: str) -> Any:
 
 def _dry_run_input(args: argparse.Namespace) -> tuple[Any, Any]:
     """(RequestFacts, Snapshot) from the --request, --peers and --local arguments."""
-    from .routing import PeerFacts, RequestFacts, Snapshot
+    from ..routing import PeerFacts, RequestFacts, Snapshot
 
     try:
         request = RequestFacts.from_dict(_json_arg(args.request, "request"))
@@ -171,9 +171,9 @@ def _cmd_policy_test(args: argparse.Namespace) -> int:
 
     import trio
 
-    from .policies import PolicyRuntime, START_S
-    from .routing import Ranked
-    from .routing.script import ScriptError
+    from ..policy_runtime.runtime import PolicyRuntime, START_S
+    from ..routing import Ranked
+    from ..routing.script import ScriptError
 
     try:
         request, snapshot = _dry_run_input(args)
@@ -188,7 +188,7 @@ def _cmd_policy_test(args: argparse.Namespace) -> int:
                 return await runtime.decide(request, snapshot)
 
     report: dict[str, Any] = {"policy": runtime.name}
-    logger = logging.getLogger("rbee_p2p.policies")
+    logger = logging.getLogger("rbee_p2p.policy_runtime")
     quiet, logger.disabled = logger.disabled, True  # the report says it all
     try:
         outcome = trio.run(dry_run)
@@ -338,13 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the node's base URL")
     p_status.add_argument("--json", action="store_true", help="print JSON for scripts")
     p_status.set_defaults(func=_cmd_status)
-    from .engines.hub import add_commands
+    from .pull import add_commands
 
     add_commands(sub)  # pull, devices
-    from .audit_cli import add_commands as add_audit_commands
+    from .audit import add_commands as add_audit_commands
 
     add_audit_commands(sub)  # audit verify, export, erase, prune
-    from .tenants_cli import add_commands as add_tenant_commands
+    from .tenants import add_commands as add_tenant_commands
 
     add_tenant_commands(sub)  # tenants add, list, remove, rotate-key
     _add_policy_commands(sub)

@@ -178,7 +178,7 @@ def status_lines(status: dict[str, Any]) -> list[str]:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .hardware import probe
+    from ..engines.hardware import probe
 
     hw = probe(use_torch=not args.no_torch)
     if args.json:

@@ -17,8 +17,8 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from .config import audit_path, data_dir, key_path
-from .errors import ConfigError, StorageError
+from ..config import audit_path, data_dir, key_path
+from ..errors import ConfigError, StorageError
 
 __all__ = ["add_commands", "parse_since"]
 
@@ -55,7 +55,7 @@ def _tenant_ref(args: argparse.Namespace, home: Path) -> tuple[bytes, str]:
         if len(ref) != 32:
             raise ConfigError("--tenant-ref takes 64 hex digits")
         return ref, f"ref {ref.hex()[:16]}…"
-    from .tenants import FILE, TenantBook
+    from ..tenancy.tenants import FILE, TenantBook
 
     if not (home / FILE).exists():
         raise ConfigError(f"no {home / FILE}: cannot derive tenant {args.tenant!r}'s ref "
@@ -71,13 +71,13 @@ def _signer(home: Path) -> bytes | None:
     path = key_path(home)
     if not path.exists():
         return None
-    from .store.keys import load_or_create_key
+    from ..store.keys import load_or_create_key
 
     return load_or_create_key(path).peer_id
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .store.audit_read import verify_log
+    from ..store.audit_read import verify_log
 
     home = _home(args)
     verdict = verify_log(audit_path(home), signer=_signer(home))
@@ -95,7 +95,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _write_rows(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
-    from .store.audit_read import EXPORT_FIELDS
+    from ..store.audit_read import EXPORT_FIELDS
 
     count = 0
     if fmt == "csv":
@@ -117,7 +117,7 @@ def _write_rows(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .store.audit_read import content_path, export_rows
+    from ..store.audit_read import content_path, export_rows
 
     home = _home(args)
     ref, who = _tenant_ref(args, home)
@@ -140,8 +140,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _open_for_rewrite(home: Path) -> Any:
-    from .store.audit import AuditLog, LogInUse
-    from .store.keys import load_or_create_key
+    from ..store.audit import AuditLog, LogInUse
+    from ..store.keys import load_or_create_key
 
     if not key_path(home).exists():
         raise ConfigError(f"no node key at {key_path(home)}: is {home} a node's home?")
@@ -163,7 +163,7 @@ def _confirm(question: str) -> bool:
 
 
 def _cmd_erase(args: argparse.Namespace) -> int:
-    from .store.audit_read import content_path
+    from ..store.audit_read import content_path
 
     home = _home(args)
     ref, who = _tenant_ref(args, home)

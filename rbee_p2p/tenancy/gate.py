@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..dispatch import Stamp
 from ..errors import ConfigError
 from ..store.audit_read import content_path
-from ..tenants import Quotas, Tenant, TenantBook
+from .tenants import Quotas, Tenant, TenantBook
 
 __all__ = ["Gate", "Pass"]
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError, Forbidden, QuotaExceeded, Unauthorized
-from .routing import TenantFacts
+from ..errors import ConfigError, Forbidden, QuotaExceeded, Unauthorized
+from ..routing import TenantFacts
 
 __all__ = ["Tenant", "TenantBook", "Quotas", "tenant_ref", "KEY_PREFIX"]
 

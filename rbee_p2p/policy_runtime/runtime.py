@@ -3,7 +3,7 @@
 :class:`PolicyRuntime` is the dispatcher's router.  Every decision goes through
 :func:`rbee_p2p.routing.decide`, so eligibility (model, room) and the tenant's residency
 hold whatever a script returns.  A script policy is compiled and evaluated by a
-:class:`WorkerEvaluator` (a child process under resource limits, ``policyworker.py``);
+:class:`WorkerEvaluator` (a child process under resource limits, ``worker.py``);
 its task (:meth:`PolicyRuntime.run`) owns that process, restarts it when it dies or is
 killed for overrunning its deadline, and reloads the file when it changes (polled every
 ``reload_s``).  Whenever the script cannot decide (it failed, timed out, crashed its
@@ -25,11 +25,11 @@ from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 import trio
 
-from .errors import ConfigError
-from .policyworker import FrameReader, encode_frame
-from .routing import (BUILTINS, Decision, Policy, Ranked, Rejected, RequestFacts, Snapshot,
+from ..errors import ConfigError
+from .worker import FrameReader, encode_frame
+from ..routing import (BUILTINS, Decision, Policy, Ranked, Rejected, RequestFacts, Snapshot,
                       decide, eligible, pinned)
-from .routing.script import (CompiledPolicy, FragmentCache, PeerStore, ScriptError,
+from ..routing.script import (CompiledPolicy, FragmentCache, PeerStore, ScriptError,
                              compile_policy, delta_input, label)
 
 __all__ = ["PolicyRuntime", "Outcome", "Evaluator", "WorkerEvaluator", "InProcessEvaluator",
@@ -87,7 +87,7 @@ class Evaluator(Protocol):
 
 
 class WorkerEvaluator:
-    """A ``python -m rbee_p2p.policyworker`` child.  Each exchange is shielded from
+    """A ``python -m rbee_p2p.policy_runtime.worker`` child.  Each exchange is shielded from
     outside cancellation and bounded by its own deadline (so the pipe never holds half a
     frame); past the deadline plus a grace the child is killed and this evaluator is dead.
     """
@@ -115,7 +115,7 @@ class WorkerEvaluator:
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
                                              if p)}
         self._proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "rbee_p2p.policyworker", "--memory-mb",
+            [sys.executable, "-m", "rbee_p2p.policy_runtime.worker", "--memory-mb",
              str(self.memory_mb), "--cpu-s", str(self.cpu_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._fresh = True

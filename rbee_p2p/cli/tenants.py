@@ -15,7 +15,7 @@ __all__ = ["add_commands"]
 
 
 def _home(args: argparse.Namespace) -> Path:
-    from .config import data_dir
+    from ..config import data_dir
 
     return Path(args.home).expanduser() if args.home else data_dir()
 
@@ -28,7 +28,7 @@ def _positive(text: str) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from .tenants import TenantBook
+    from ..tenancy.tenants import TenantBook
 
     book = TenantBook.open(_home(args))
     key = book.add(args.name, tier=args.tier,
@@ -49,7 +49,7 @@ def _describe(t: Any) -> dict[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .tenants import TenantBook
+    from ..tenancy.tenants import TenantBook
 
     tenants = [_describe(t) for t in TenantBook.open(_home(args))]
     if args.json:
@@ -67,7 +67,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from .tenants import TenantBook
+    from ..tenancy.tenants import TenantBook
 
     book = TenantBook.open(_home(args))
     book.remove(args.name)
@@ -78,7 +78,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    from .tenants import TenantBook
+    from ..tenancy.tenants import TenantBook
 
     book = TenantBook.open(_home(args))
     key = book.rotate(args.name)

@@ -5,7 +5,7 @@ but one huge operation (``[0] * 2000000000``, ``"a" * 2000000000``) cannot be in
 and a failed allocation aborts the whole process (Rust aborts on allocation failure).
 So policies run here, under ``RLIMIT_AS`` (address space), ``RLIMIT_CPU`` (re-armed
 before every request, so an orphaned worker cannot spin) and no core dumps; the node
-kills it when it overruns its deadline and starts another (rbee_p2p/policies.py).
+kills it when it overruns its deadline and starts another (rbee_p2p/policy_runtime/runtime.py).
 
 Wire format, both ways, on the worker's stdin/stdout: frames of a 4-byte big-endian
 header length, a 4-byte body length, a JSON header, a body (UTF-8).  Requests:
@@ -31,8 +31,8 @@ import sys
 import time
 from typing import Any, BinaryIO, Callable, Sequence
 
-from .routing import Rejected
-from .routing.script import CompiledPolicy, PeerStore, ScriptError, compile_policy
+from ..routing import Rejected
+from ..routing.script import CompiledPolicy, PeerStore, ScriptError, compile_policy
 
 __all__ = ["encode_frame", "FrameReader", "MAX_FRAME", "main"]
 
@@ -182,7 +182,7 @@ def serve(inp: BinaryIO, out: BinaryIO, cpu_s: int = 0) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rbee_p2p.policyworker",
+    parser = argparse.ArgumentParser(prog="python -m rbee_p2p.policy_runtime.worker",
                                      description="Starlark routing-policy worker (internal)")
     parser.add_argument("--memory-mb", type=int, default=512,
                         help="address-space limit (0: none)")
