@@ -40,7 +40,7 @@ class Node:
     def __init__(self, stack: ExitStack, tmp: Path, name: str, *args: str) -> None:
         self.home = tmp / name
         self.home.mkdir(parents=True)
-        env = {"RBEE_HOME": str(self.home)}
+        env = {"RBEE_HOME": str(self.home), "RBEE_TRACE": "1"}  # step timestamps: rbee/trace.py
         self.peer_id = subprocess.run(["rbee-node", "id"], env={**os.environ, **env},
                                       capture_output=True, text=True, check=True).stdout.strip()
         self.port, self.p2p = free_port(), free_port()
@@ -48,8 +48,8 @@ class Node:
         self.addr = f"/ip4/127.0.0.1/tcp/{self.p2p}/p2p/{self.peer_id}"
         cmd = ["rbee-node", "start", "--port", str(self.port), "--no-mdns", "--p2p-listen",
                f"/ip4/127.0.0.1/tcp/{self.p2p}", *args]
-        self.proc = stack.enter_context(server(cmd, self.url + "/health", tmp / f"{name}.log",
-                                               env=env))
+        self.log = tmp / f"{name}.log"
+        self.proc = stack.enter_context(server(cmd, self.url + "/health", self.log, env=env))
 
     def status(self) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -169,7 +169,42 @@ def forwarding_run(tmp: Path, threads: int | None, rounds: int, block: int) -> d
         b = Node(stack, tmp, f"b{threads or ''}", *b_args)
         a = Node(stack, tmp, f"a{threads or ''}", "--no-default-model", "--peer", b.addr)
         wait(lambda: a.sees(b.peer_id, model="smollm2"), 20, "B in A's table")
-        return forwarding(b, a, rounds, block)
+        result = forwarding(b, a, rounds, block)
+    result["steps"] = steps(a.log, b.log)
+    return result
+
+
+def _marks(log: Path) -> dict[str, dict[str, int]]:
+    """request id -> step -> ns, from a node's ``rbee-trace`` lines."""
+    out: dict[str, dict[str, int]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("rbee-trace "):
+            _, step, rid, ns = line.split()
+            out.setdefault(rid, {})[step] = int(ns)
+    return out
+
+
+FORWARDED = [("A: policy, stream, seal, send", "http", "a_sent"),
+             ("A sent -> B received (the wire; A marks after its send returns)", "a_sent", "b_received"),
+             ("B: verify, admit (run_here)", "b_received", "b_admitted"),
+             ("B: queue + model's first token + seal, send", "b_admitted", "b_first_sent"),
+             ("wire B -> A + A: verify", "b_first_sent", "a_first_text"),
+             ("A: to the SSE event", "a_first_text", "sse_first")]
+LOCAL = [("B: policy, queue + model's first token", "http", "engine_first"),
+         ("B: to the SSE event", "engine_first", "sse_first")]
+
+
+def steps(a_log: Path, b_log: Path) -> dict[str, float]:
+    """Median ms of each step of the forwarded and the local requests (warm-ups too)."""
+    a, b = _marks(a_log), _marks(b_log)
+    out = {}
+    forwarded = [{**a[r], **b[r]} for r in a if r in b]
+    local = [m for r, m in b.items() if "engine_first" in m and "sse_first" in m]
+    for rows, marks in ((FORWARDED, forwarded), (LOCAL, local)):
+        for name, start, end in rows:
+            spans = [(m[end] - m[start]) / 1e6 for m in marks if start in m and end in m]
+            out[name] = median(spans) if spans else float("nan")
+    return out
 
 
 def scaling_run(tmp: Path, rate: float) -> dict:
@@ -223,6 +258,9 @@ def report_forwarding(f: dict, threads: int | None) -> None:
     added = fwd["ttft_ms"] - local["ttft_ms"]
     print(f"\nforwarded/local decode: {ratio:.3f}x (goal >= 0.93x); added TTFT "
           f"{added:+.1f} ms (goal <= 5 ms)")
+    print("\nwhere the time to first token goes (median ms per step, both nodes' clocks are "
+          "this machine's CLOCK_MONOTONIC):\n")
+    print(table([["step", "ms"], *[[k, f"{v:.2f}"] for k, v in f["steps"].items()]]))
 
 
 def report_scaling(s: dict, rate: float) -> None:

@@ -21,6 +21,7 @@ from ..engines.base import Completion
 from ..errors import Forbidden, RequestError, spec
 from ..tenancy.gate import Gate, Pass
 from ..tenancy.tenants import Tenant
+from ..trace import mark
 from .schemas import Call
 
 __all__ = ["Serving", "error_body"]
@@ -72,7 +73,10 @@ class Serving:
 
     async def start(self, call: Call, admitted: Pass) -> Job:
         """Every error that must be an HTTP status is raised here, before a stream starts."""
-        return await self.dispatcher.start(call.request, admitted.stamp)
+        started = time.perf_counter_ns()
+        job = await self.dispatcher.start(call.request, admitted.stamp)
+        mark("http", job.request_id, started)
+        return job
 
     async def run(self, call: Call, admitted: Pass) -> tuple[Job, str]:
         """Run ``call`` to its end: the job (counts, data items) and its text."""
@@ -168,12 +172,16 @@ class Serving:
             return _sse({**head, "choices": [choice]})
 
         parts: list[str] = []
+        first = True
         try:
             if kind == "chat":
                 yield chunk("", None, role=True)
             async with aclosing(job.batches()) as batches:
                 async for batch in batches:
                     text = "".join(batch)
+                    if first:
+                        mark("sse_first", job.request_id)
+                        first = False
                     if admitted.keeps_content:  # the text is kept only for those tenants
                         parts.append(text)
                     yield chunk(text, None)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import trio
 
 from ..engines.base import Completion, TextEngine
+from ..trace import mark
 from .request import Request, Stamp
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class LocalJob:
                 async for batch in stream:
                     if self.first is None:
                         self.first = time.perf_counter()
+                        mark("engine_first", self.request_id)
                     yield batch
         finally:
             self.dispatcher.account(self.engine.card.name, completion, self.first)

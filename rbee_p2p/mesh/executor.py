@@ -30,6 +30,7 @@ from ..protocol.receipts import OutputDigest, digest
 from ..protocol.session import InferenceSession
 from ..routing import satisfies
 from ..store.writer import AuditWriter
+from ..trace import mark
 from .frames import ByteStream, FrameStream, StreamGone
 from .wire import from_wire
 
@@ -141,6 +142,7 @@ class Executor:
     async def _handle(self, frames: FrameStream, remote: bytes) -> None:
         with trio.fail_after(self.timing.request_timeout_s):
             raw = await frames.receive()
+        received = time.perf_counter_ns()
         try:
             verified = self.verifier.verify(raw, now_ms(), expect=InferenceRequest, sender=remote)
             message = verified.message
@@ -163,6 +165,8 @@ class Executor:
             request = from_wire(message, self.limits)
             job = self.run(request, model_digest=message.model_digest,
                            admit_by_ms=message.admit_by_ms, now_ms=now_ms())
+            mark("b_received", message.request_id, received)
+            mark("b_admitted", message.request_id)
         except RequestError as exc:
             retry = int(exc.retry_after * 1000) if isinstance(exc, Busy) else None
             await self._refuse(frames, spec(exc).wire, str(exc), message.request_id, retry)
@@ -250,8 +254,11 @@ async def _pump(job: Job, reply: _Reply) -> None:
     completion = job.completion
     async with aclosing(job.batches()) as batches:
         async for batch in batches:
+            first = reply.first is None
             reply.started()
             await reply.chunk("".join(batch), completion.completion_tokens - reply.tokens)
+            if first:
+                mark("b_first_sent", reply.request_id)
     reply.started()
     for index, item in enumerate(job.items):
         for offset in range(0, max(len(item), 1), DATA_CHUNK):

@@ -27,6 +27,7 @@ from ..protocol.receipts import OutputDigest, verify_receipt
 from ..protocol.session import InferenceSession
 from ..routing import satisfies
 from ..store.writer import AuditWriter
+from ..trace import mark
 from .executor import Timing, now_ms
 from .frames import ByteStream, FrameStream, StreamGone
 from .wire import to_wire
@@ -103,6 +104,7 @@ class RemoteJob:
                       on_failure, stamp, on_done)
             try:
                 await frames.send(raw)
+                mark("a_sent", request.request_id)
                 job._first = await job._next_batch(accept=True)
                 return job
             except StreamGone as exc:
@@ -157,6 +159,7 @@ class RemoteJob:
                 if message.text:
                     if self.first_at is None:
                         self.first_at = time.perf_counter()
+                        mark("a_first_text", self.request.request_id)
                     return [message.text]
                 if accept:
                     return []
