@@ -187,7 +187,8 @@ def _marks(log: Path) -> dict[str, dict[str, int]]:
 FORWARDED = [("A: policy, stream, seal, send", "http", "a_sent"),
              ("A sent -> B received (the wire; A marks after its send returns)", "a_sent", "b_received"),
              ("B: verify, admit (run_here)", "b_received", "b_admitted"),
-             ("B: queue + model's first token + seal, send", "b_admitted", "b_first_sent"),
+             ("B: queue + the model's first token", "b_admitted", "engine_first"),
+             ("B: seal, send the first chunk", "engine_first", "b_first_sent"),
              ("wire B -> A + A: verify", "b_first_sent", "a_first_text"),
              ("A: to the SSE event", "a_first_text", "sse_first")]
 LOCAL = [("B: policy, queue + model's first token", "http", "engine_first"),

@@ -212,7 +212,7 @@ class Dispatcher:
         raise Busy(f"every node serving {request.model} is busy; retry later", retry_after=1)
 
     def _local_job(self, engine: TextEngine, request: Request, stamp: Stamp, *,
-                   entry: bool = True) -> LocalJob:
+                   entry: bool = True, request_id: bytes | None = None) -> LocalJob:
         """Validate ``request`` for ``engine`` (raises InvalidRequest) and check its queue
         (raises Busy)."""
         if request.kind == "image":
@@ -223,12 +223,14 @@ class Dispatcher:
             assert request.text is not None
             prepared = engine.prepare(request.text)
         self.scheduler.check(engine)
-        return LocalJob(self, engine, request, prepared, stamp, entry=entry)
+        return LocalJob(self, engine, request, prepared, stamp, entry=entry,
+                        request_id=request_id)
 
     # -- the executor's side ----------------------------------------------------------------
 
     def run_here(self, request: Request, *, model_digest: bytes | None = None,
-                 admit_by_ms: int | None = None, now_ms: int = 0) -> LocalJob:
+                 admit_by_ms: int | None = None, now_ms: int = 0,
+                 request_id: bytes | None = None) -> LocalJob:
         """Admit a peer's request to this node's engines (the executor records it, not
         this node's entry log).  Raises ModelNotFound (not here, or another digest),
         InvalidRequest or Busy (a full queue, or — deadline admission — this node would
@@ -238,7 +240,7 @@ class Dispatcher:
             raise ModelNotFound(f"model {request.model} is not served here")
         if model_digest is not None and model_digest != engine.card.digest:
             raise ModelNotFound(f"model {request.model} here has another digest")
-        job = self._local_job(engine, request, Stamp(), entry=False)
+        job = self._local_job(engine, request, Stamp(), entry=False, request_id=request_id)
         if admit_by_ms is not None:
             finish = now_ms + expected_ms(self.local_facts(engine),
                                           RequestFacts(engine.card.name,

@@ -37,7 +37,8 @@ class LocalJob:
     where = None
 
     def __init__(self, dispatcher: Dispatcher, engine: TextEngine, request: Request,
-                 prepared: Any, stamp: Stamp = Stamp(), *, entry: bool = True) -> None:
+                 prepared: Any, stamp: Stamp = Stamp(), *, entry: bool = True,
+                 request_id: bytes | None = None) -> None:
         self.dispatcher = dispatcher
         self.engine = engine
         self.request = request
@@ -45,7 +46,7 @@ class LocalJob:
         self.stamp = stamp
         self.entry = entry  # leave the entry record (False: run for a peer)
         self.completion = Completion()
-        self.request_id = os.urandom(16)
+        self.request_id = request_id or os.urandom(16)  # a peer's job keeps the peer's id
         self.items: list[bytes] = []
         self.first: float | None = None  # when the first output was ready (perf_counter)
 

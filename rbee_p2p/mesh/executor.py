@@ -55,9 +55,9 @@ class Timing:
 
 
 Runner = Callable[..., Job]
-"""``run(request, model_digest=..., admit_by_ms=..., now_ms=...)``: the node's dispatcher
-admitting a peer's request to its own engines (``Dispatcher.run_here``).  Returns the job
-unstarted; raises RequestError (not here, bad request, busy)."""
+"""``run(request, model_digest=, admit_by_ms=, now_ms=, request_id=)``: the node's
+dispatcher admitting a peer's request to its own engines (``Dispatcher.run_here``).
+Returns the job unstarted; raises RequestError (not here, bad request, busy)."""
 
 
 class _Reply:
@@ -164,7 +164,8 @@ class Executor:
         try:
             request = from_wire(message, self.limits)
             job = self.run(request, model_digest=message.model_digest,
-                           admit_by_ms=message.admit_by_ms, now_ms=now_ms())
+                           admit_by_ms=message.admit_by_ms, now_ms=now_ms(),
+                           request_id=message.request_id)
             mark("b_received", message.request_id, received)
             mark("b_admitted", message.request_id)
         except RequestError as exc:
