@@ -150,7 +150,7 @@ ERRORS: dict[type[RequestError], ErrorSpec] = {
 def spec(exc: RequestError) -> ErrorSpec:
     """The table's row for ``exc`` (its nearest listed class)."""
     for cls in type(exc).__mro__:
-        found = ERRORS.get(cls)  # type: ignore[call-overload]
+        found = ERRORS.get(cls)
         if found is not None:
             return found
     return ERRORS[EngineFailure]

@@ -124,9 +124,17 @@ class Job(Protocol):
     iterator early stops the work (a local model within one token; a peer through a
     Cancel frame).  Raises RequestError; PeerUnavailable only before any output."""
 
-    completion: Completion
-    where: bytes | None  # the executing peer, None for this node
-    request_id: bytes
-    items: list[bytes]
+    @property
+    def completion(self) -> Completion: ...
+
+    @property
+    def where(self) -> bytes | None:
+        """The executing peer; None for this node."""
+
+    @property
+    def request_id(self) -> bytes: ...
+
+    @property
+    def items(self) -> list[bytes]: ...
 
     def batches(self) -> AsyncIterator[list[str]]: ...
