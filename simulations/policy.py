@@ -5,10 +5,15 @@ The routing API is being reworked (``RequestFacts``/``PeerFacts``/``Snapshot`` -
 speaks :class:`Place` (a plain record of what a node knows about one place) and node
 indices.
 
+Sampling, probing, admission and reputation are not adapted here: ``requests.py`` calls
+``rbee_p2p.routing.probing`` / ``sampling`` / ``reputation`` directly, the very functions
+the node's mesh calls (``tests/unit/test_sim_shared.py`` checks they are the same objects).
+
 Also here: a vectorised twin of :func:`rbee_p2p.routing.sampling.priority` for drawing
 pools over thousands of peers at once.  It is the same arithmetic (splitmix64 in uint64,
-the same 53-bit unit, natural log); ``tests/unit/test_sim_policy.py`` checks that it picks
-the same peers as the pure function.
+the same 53-bit unit, natural log); ``tests/unit/test_sim_pure.py`` checks that it picks
+the same peers as the pure function, and ``test_sim_shared.py`` that a non-observer's pool
+is the one ``probing.draw_pool`` draws.
 """
 
 from __future__ import annotations
@@ -22,19 +27,8 @@ import numpy as np
 from rbee_p2p.protocol.identity import peer_id_to_str
 from rbee_p2p.routing import (ModelFacts, PeerFacts, Ranked, RequestFacts, Snapshot, decide,
                               expected_ms, fastest)
-from rbee_p2p.routing import reputation, sampling
-from rbee_p2p.routing.reputation import Standing
 
-__all__ = ["Place", "Router", "Standing", "peer_key", "pool", "pool_many", "pick",
-           "after_job", "after_failure", "after_refusal", "trust", "effective_speed", "failure_penalty_ms"]
-
-peer_key = sampling.peer_key
-after_job = reputation.after_job
-after_failure = reputation.after_failure
-after_refusal = reputation.after_refusal
-trust = reputation.trust
-effective_speed = reputation.effective_speed
-failure_penalty_ms = reputation.failure_penalty_ms
+__all__ = ["Place", "Router", "priorities", "pool_many"]
 
 
 @dataclass(slots=True)
@@ -50,6 +44,7 @@ class Place:
     latency_ms: float = 0.0  # round trip, plus the expected time lost to failures there
     trust: float = 1.0
     state: str = "alive"  # or "suspect" (PeerState value)
+    claimed: float = 0.0  # the speed its advert claims (tokens_per_s: after reputation)
 
 
 class Router:
@@ -103,15 +98,8 @@ class Router:
         return expected_ms(self.facts(model, place),
                            RequestFacts(model=model, max_tokens=max_tokens))
 
-
-def pool(self_key: int, candidates: Sequence[tuple[int, int, float]], size: int) -> list[int]:
-    """The pure pool draw (node indices)."""
-    return sampling.pool(self_key, candidates, size)
-
-
-def pick(salt: int, candidates: Sequence[tuple[int, int, float]], k: int) -> list[int]:
-    """The pure per-request draw (node indices)."""
-    return sampling.pick(salt, candidates, k)
+    def node(self, peer_id: str) -> int:
+        return self._nodes[peer_id]
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -5,25 +5,29 @@ A request enters at a node (a user's own node), which plans where to run it:
 * ``flood`` design: the places are this node and every peer whose advert it holds, alive or
   suspect, as ``Mesh.peers`` offers them (an advert's age is exact: it was published at a
   known time and reached this node over the mesh); the policy ranks them all;
-* ``sample`` design: this node keeps a *pool* of ``routing.pool`` peers per model
-  (``rbee_p2p.routing.sampling.pool``: a speed-weighted sample salted with its own id),
-  picks ``routing.probes`` of them (``sampling.pick``, weighted by trust squared; suspect
-  peers wait ``suspect_retry_s``), asks each for its current advert, and once
-  ``probe_quorum`` of them answered (at most ``probe_wait_s``) ranks itself and the peers
-  that answered, with the measured round trip as their latency.
+* ``sample`` design: what ``Mesh.candidates`` does, by the same functions
+  (``rbee_p2p.routing.probing``): this node keeps a *pool* per model (``draw_pool``,
+  weights ``probing.weight``, redrawn when ``pool_due``), draws ``routing.probes`` of it
+  per request (``draw_probes``), asks each for its current advert, decides once
+  ``probing.decided`` (half answered) or after ``probe_wait_s`` (the node's
+  ``probe_timeout_s``), and ranks itself and the peers ``probing.to_rank`` keeps.  As on
+  the node, a peer's facts carry ``effective_speed`` / ``trust`` / ``failure_penalty_ms``
+  of this node's standing there, and no round trip (``rtt_latency`` adds it: an
+  experiment).
 
 Then, like ``Dispatcher.start``, it tries the ranked places in order: a full queue answers
 "busy" (next place), a vanished peer fails after the connect timeout (the peer becomes
 suspect, next place); when the list is exhausted it plans again after a backoff, up to
-``max_rounds``.  With ``admission = "deadline"`` the job carries a deadline derived from the
-policy's estimate for the chosen place, and the executor refuses it when its own estimate
-ends later (someone else's job got there first).  A crashed executor is noticed
+``max_rounds``.  With ``admission = "deadline"`` the job carries ``probing.admit_by_ms`` of the
+policy's estimate for the chosen place, and the executor refuses it when
+``probing.refuses`` (its own estimate ends later: someone else's job got there first).  A crashed executor is noticed
 ``crash_detect_s`` later and a result cut off by a partition after ``stream_timeout_s``;
 both retry; a request not done ``deadline_s`` after arrival fails.  Malicious peers: a
 dropper accepts and never answers (the requester gives up after ``drop_timeout_s``), a
 garbage peer answers at once with junk (a spot check catches it with ``detect_garbage``), a
 liar claims ``speed_lie`` x its speed and an empty queue.  What the requester observes feeds
-its reputation standings (``rbee_p2p.routing.reputation``).
+its reputation standings (``rbee_p2p.routing.reputation``: ``after_result`` with what
+``Mesh._job_done`` passes, ``after_failure``, ``after_refusal``).
 
 Non-observer nodes keep their view compactly: a dict of peers they saw fail (with the
 states of ``PeerTable.TRANSITIONS``), the flood adverts by (publish time + mesh delay).
@@ -40,10 +44,16 @@ import numpy as np
 
 from rbee_p2p.protocol.messages import CapabilityAdvert
 from rbee_p2p.protocol.peers import TRANSITIONS, PeerState
+from rbee_p2p.routing import RequestFacts
+from rbee_p2p.routing.probing import (admit_by_ms, draw_pool, draw_probes, pool_due, pool_size,
+                                      quorum, refuses, to_rank, weight)
+from rbee_p2p.routing.reputation import (Standing, after_failure, after_refusal, after_result,
+                                         effective_speed, failure_penalty_ms, trust)
+from rbee_p2p.routing.sampling import peer_key
 
 from . import policy
 from .hardware import MODELS
-from .policy import Place, Standing
+from .policy import Place
 
 if TYPE_CHECKING:
     from .swarm import Swarm
@@ -60,7 +70,7 @@ ALIVE, SUSPECT, DEAD = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD
 class Req:
     __slots__ = ("rid", "entry", "model", "round", "token", "ranked", "next", "probe_t",
                  "replies", "claims", "places", "target", "job_token", "arrived", "started",
-                 "sent", "deadline")
+                 "sent", "deadline", "chosen")
 
     def __init__(self, rid: int, entry: int, model: int) -> None:
         self.rid, self.entry, self.model = rid, entry, model
@@ -70,9 +80,10 @@ class Req:
         self.next = 0
         self.probe_t = 0.0
         self.replies: list[tuple[int, CapabilityAdvert, float, float]] = []
-        self.claims: dict[int, tuple[float, float]] = {}  # node -> (speed, wait ms) claimed
+        self.claims: dict[int, tuple[float, int, int]] = {}  # node -> advert's speed, load
         self.places: dict[int, Place] = {}
-        self.deadline = 0.0
+        self.chosen: list[int] = []  # probed this round
+        self.deadline: int | None = None  # admit_by_ms of the attempt under way
         self.target = -1
         self.job_token = -1
         self.arrived = 0.0  # when the job reached its executor
@@ -91,10 +102,10 @@ class Requests:
         self.next_arrival = 0
         self.suspect: list[dict[int, tuple[PeerState, float]]] = [{} for _ in range(s.n)]
         self.standing: list[dict[int, Standing]] = [{} for _ in range(s.n)]
-        self.keys = [policy.peer_key(pid) for pid in s.wire.peer_ids]
+        self.keys = [peer_key(pid) for pid in s.wire.peer_ids]
         self.keys_np = np.array(self.keys, dtype=np.uint64)
         self.claim_np = np.array(s.claim_speed)
-        self.pools: dict[tuple[int, int], tuple[tuple[int, int], float, list[int]]] = {}
+        self.pools: dict[tuple[int, int], tuple[int, list[int], set[int]]] = {}
         self.dists: dict[int, tuple[int, list[float]]] = {}
         self.model_names = [m.name for m in MODELS]
 
@@ -166,9 +177,7 @@ class Requests:
         tr = self.tr
         req.ranked = self.router.rank(self.model_names[req.model], tr.max_tokens[req.rid],
                                       tr.prompt[req.rid], places, self.loop.now_ms())
-        req.claims = {p.node: (p.tokens_per_s, (p.queue_depth + p.active_jobs) *
-                               tr.max_tokens[req.rid] / max(p.tokens_per_s, 1e-9) * 1000.0)
-                      for p in places}
+        req.claims = {p.node: (p.claimed, p.queue_depth, p.active_jobs) for p in places}
         req.places = {p.node: p for p in places}
         self._try(req, 0)
 
@@ -180,8 +189,8 @@ class Requests:
         st = self.standing[e].get(node)
         if st is None:
             return claimed, 1.0, 0.0
-        return (policy.effective_speed(st, claimed), policy.trust(st),
-                policy.failure_penalty_ms(st, self.s.sc.malicious.drop_timeout_s * 1000.0))
+        return (effective_speed(st, claimed), trust(st),
+                failure_penalty_ms(st, self.s.sc.malicious.drop_timeout_s * 1000.0))
 
     # -- the flood design ---------------------------------------------------------------
 
@@ -238,7 +247,8 @@ class Requests:
                 continue
             speed, trust, penalty = self._speed(e, p, advert.models[0].tokens_per_s)
             places.append(Place(p, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, penalty, trust, state))
+                                advert.max_queue, penalty, trust, state,
+                                advert.models[0].tokens_per_s))
             ages += now - times[i]
         if self.m.in_window(now) and places:
             self.m.staleness.append(ages / len(places))
@@ -260,44 +270,75 @@ class Requests:
                     speed, trust, penalty = self._speed(e, node, model.tokens_per_s)
                     out.append(Place(node, False, speed, advert.queue_depth,
                                      advert.active_jobs, advert.max_queue, penalty, trust,
-                                     entry.state.value))
+                                     entry.state.value, model.tokens_per_s))
         return out
 
-    # -- the sample design --------------------------------------------------------------
+    # -- the sample design: Mesh.candidates ---------------------------------------------
 
-    def _pool(self, e: int, m: int) -> list[int]:
-        """This node's pool for model m (cached until membership changes or a pending
-        join reaches it)."""
-        s, now = self.s, self.loop.now
-        version = (s.members_version[m], s.pending_version)
-        cached = self.pools.get((e, m))
-        if cached is not None and cached[0] == version and now < cached[1]:
-            return cached[2]
+    def _state(self, e: int, c: int) -> str | None:
+        """How node e sees peer c: "alive", "suspect", or None (DEAD: not offered, as
+        ``Mesh.peers`` leaves DEAD peers out)."""
+        s = self.s
         if e in s.tables:
-            pool, expiry = self._table_pool(e, m), math.inf
-            if s.sc.sim.check_views:
-                self._compare(pool, self._model_pool(e, m)[0])
-        else:
-            pool, expiry = self._model_pool(e, m)
-        self.pools[(e, m)] = (version, expiry, pool)
-        return pool
+            entry = s.tables[e].peers.get(s.wire.peer_ids[c])
+            if entry is None or entry.state is DEAD:
+                return None
+            return entry.state.value
+        failed = self.suspect[e].get(c)
+        if failed is None:
+            return "alive"
+        return None if failed[0] is DEAD else failed[0].value
 
-    def _model_pool(self, e: int, m: int) -> tuple[list[int], float]:
+    def _weight(self, e: int, c: int, claimed: float) -> float:
+        """``probing.weight`` of peer c as node e's ``Mesh._weighted`` computes it."""
+        state = self._state(e, c)
+        if state is None:
+            return 0.0
+        speed, trust_, _ = self._speed(e, c, claimed)
+        return weight(speed, trust_, state)
+
+    def _pool(self, e: int, m: int) -> tuple[list[int], set[int]]:
+        """This node's pool for model m, redrawn when ``probing.pool_due`` (``Mesh._pool``)."""
+        s, now_ms = self.s, self.loop.now_ms()
+        cached = self.pools.get((e, m))
+        if cached is not None and not pool_due(cached[0], now_ms):
+            return cached[1], cached[2]
+        if e in s.tables:
+            pool = self._table_pool(e, m)
+            if s.sc.sim.check_views:
+                self._compare(pool, self._model_pool(e, m))
+        else:
+            pool = self._model_pool(e, m)
+        self.pools[(e, m)] = (now_ms, pool, set(pool))
+        return pool, set(pool)
+
+    def model_weights(self, e: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """(members, weights) of a non-observer's pool draw for model m: the vectorised
+        form of ``probing.weighted`` (a peer nothing was learned about weighs
+        ``weight(claimed, 1.0, "alive")`` = its claimed speed; the others are computed by
+        ``_weight``); peers it has not heard of yet weigh 0."""
         s, now = self.s, self.loop.now
         members = np.array(s.members[m], dtype=np.int64)
-        if members.size == 0:
-            return [], math.inf
-        weights = self.claim_np[members] if self.r.pool_by_speed else np.ones(members.size)
-        weights = weights.copy()
+        weights = self.claim_np[members].copy() if members.size else np.zeros(0)
         weights[members == e] = 0.0
-        expiry = math.inf
         joined_e = s.world.join[e]
         for p, heard in s.pending_heard.items():
             if s.model[p] == m and s.world.join[p] > joined_e and heard[e] > now:
                 weights[members == p] = 0.0  # not heard of yet
-                expiry = min(expiry, float(heard[e]))
-        chosen = policy.pool_many(self.keys[e], self.keys_np[members], weights, self.r.pool)
-        return members[chosen].tolist(), expiry
+        pos = s._member_pos[m]
+        for c in set(self.standing[e]) | set(self.suspect[e]):
+            i = pos.get(c)
+            if i is not None and c != e and weights[i] > 0.0:
+                weights[i] = self._weight(e, c, s.claim_speed[c])
+        return members, weights
+
+    def _model_pool(self, e: int, m: int) -> list[int]:
+        members, weights = self.model_weights(e, m)
+        if members.size == 0:
+            return []
+        chosen = policy.pool_many(self.keys[e], self.keys_np[members], weights,
+                                  pool_size(self.r.probes))
+        return members[chosen].tolist()
 
     def _table_pool(self, e: int, m: int) -> list[int]:
         s = self.s
@@ -309,43 +350,21 @@ class Requests:
             for model in entry.advert.models:
                 if model.name == name:
                     node = s.wire.index[entry.peer_id]
-                    weight = model.tokens_per_s if self.r.pool_by_speed else 1.0
-                    candidates.append((node, self.keys[node], weight))
-        return policy.pool(self.keys[e], candidates, self.r.pool)
-
-    def _excluded(self, e: int, c: int, now: float) -> bool:
-        """Suspect peers wait ``suspect_retry_s`` before being probed again; dead ones are
-        not probed."""
-        s = self.s
-        if e in s.tables:
-            entry = s.tables[e].peers.get(s.wire.peer_ids[c])
-            if entry is None or entry.state is ALIVE:
-                return False
-            if entry.state is DEAD:
-                return True
-            return self.loop.now_ms() - entry.changed_ms < self.r.suspect_retry_s * 1000
-        failed = self.suspect[e].get(c)
-        if failed is None:
-            return False
-        return failed[0] is DEAD or now - failed[1] < self.r.suspect_retry_s
+                    candidates.append((node, self.keys[node],
+                                       self._weight(e, node, model.tokens_per_s)))
+        return draw_pool(self.keys[e], candidates, self.r.probes)
 
     def _probe(self, req: Req) -> None:
         s, e, now, net = self.s, req.entry, self.loop.now, self.net
-        candidates = []
-        for c in self._pool(e, req.model):
-            if not self._excluded(e, c, now):
-                speed, trust, _ = self._speed(e, c, s.claim_speed[c])
-                weight = trust * trust  # distrust must bite even when half the pool is probed
-                candidates.append((c, self.keys[c], speed * weight if self.r.probe_by_speed
-                                   else weight))
-        salt = policy.peer_key(req.rid.to_bytes(8, "big") + bytes([req.round & 255]))
-        chosen = policy.pick(salt, candidates, self.r.probes)
-        req.replies, req.probe_t = [], now
+        pool, members = self._pool(e, req.model)
+        candidates = [(c, self.keys[c], self._weight(e, c, s.claim_speed[c])) for c in pool]
+        salt = peer_key(req.rid.to_bytes(8, "big") + bytes([req.round & 255]))
+        chosen = draw_probes(salt, candidates, members.__contains__, self.r.probes)
+        req.replies, req.probe_t, req.chosen = [], now, chosen
         replies: list[tuple[float, float, int]] = []  # (answer back, probe there, peer)
         for c in chosen:
             if not s.alive[c] or not net.reachable(e, c):
-                self.loop.after(self.r.dead_after_s, self._probe_lost, e, c, now)
-                continue
+                continue  # the node's probe fails: no answer, nothing else (Mesh._probe)
             there = net.delay(e, c, PROBE_BYTES)
             back = net.delay(c, e, s.advert_size[c] + REPLY_OVERHEAD)
             replies.append((now + there + back, now + there, c))
@@ -353,8 +372,8 @@ class Requests:
             self.m.add_bin("probe_bytes", now, size)
             if self.m.in_window(now):
                 self.m.bytes["probes"] += size
-        # decide once a quorum of the probed has answered, or at the probe deadline
-        needed = math.ceil(self.r.probe_quorum * len(chosen))
+        # decide once probing.decided (a quorum answered), or at the probe timeout
+        needed = quorum(len(chosen))
         replies.sort()
         decide = now + self.r.probe_wait_s
         if needed == 0:
@@ -372,34 +391,55 @@ class Requests:
             return
         s = self.s
         if not s.alive[c] or not self.net.reachable(req.entry, c):
-            self.loop.at(req.probe_t + self.r.dead_after_s, self._probe_lost, req.entry, c,
-                         req.probe_t)
             return
         advert = s.advert_now(c, serving=not s.leaving[c])
         req.replies.append((c, advert, reply_at, self.loop.now))
 
-    def _probe_lost(self, e: int, c: int, sent: float) -> None:
-        if self.s.alive[e]:
-            self._suspect(e, c)
-
     def _decide(self, req: Req, token: int) -> None:
         if token != req.token:
             return
-        s, e, now = self.s, req.entry, self.loop.now
+        e, now = req.entry, self.loop.now
         places = self._local_place(req)
-        for c, advert, reply_at, read_at in req.replies:
-            if reply_at > now:
-                continue  # too slow: decided without it
+        answers = {c: (advert, reply_at, read_at)
+                   for c, advert, reply_at, read_at in req.replies if reply_at <= now}
+        for c in to_rank(req.chosen, answers):
+            if c not in answers:  # nobody answered: rank what this node knew of them
+                place = self._known_place(e, c)
+                if place is not None:
+                    places.append(place)
+                continue
+            advert, reply_at, read_at = answers[c]
             self._revive(e, c, advert, read_at)
             if not advert.models:
                 continue
-            speed, trust, penalty = self._speed(e, c, advert.models[0].tokens_per_s)
+            claimed = advert.models[0].tokens_per_s
+            speed, trust_, penalty = self._speed(e, c, claimed)
+            rtt = (reply_at - req.probe_t) * 1000.0 if self.r.rtt_latency else 0.0
             places.append(Place(c, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, (reply_at - req.probe_t) * 1000.0 + penalty,
-                                trust))
+                                advert.max_queue, rtt + penalty, trust_, "alive", claimed))
             if self.m.in_window(now):
                 self.m.staleness.append(now - read_at)
         self._rank_and_try(req, places)
+
+    def _known_place(self, e: int, c: int) -> Place | None:
+        """Peer c as node e knew it before probing: its table entry (observers) or its
+        membership advert (no load in it)."""
+        s = self.s
+        state = self._state(e, c)
+        if state is None:
+            return None
+        claimed = s.claim_speed[c]
+        queue_depth = active = 0
+        if e in s.tables:
+            entry = s.tables[e].peers[s.wire.peer_ids[c]]
+            if not entry.advert.models:
+                return None
+            advert = entry.advert
+            claimed, queue_depth, active = (advert.models[0].tokens_per_s, advert.queue_depth,
+                                            advert.active_jobs)
+        speed, trust_, penalty = self._speed(e, c, claimed)
+        return Place(c, False, speed, queue_depth, active, s.max_queue, penalty, trust_, state,
+                     claimed)
 
     # -- views: suspicion ---------------------------------------------------------------
 
@@ -437,10 +477,12 @@ class Requests:
                     return
                 continue
             req.sent = self.loop.now
-            if self.r.admission == "deadline":
-                expected = self.router.expected_ms(self.model_names[req.model],
-                                                   tr.max_tokens[req.rid], req.places[target])
-                req.deadline = self.loop.now + expected / 1000.0 * (1 + self.r.deadline_slack)
+            req.deadline = None
+            if self.r.admission == "deadline":  # Mesh._admit_by
+                name = self.model_names[req.model]
+                req.deadline = admit_by_ms(
+                    self.loop.now_ms(), self.router.facts(name, req.places[target]),
+                    RequestFacts(name, max_tokens=tr.max_tokens[req.rid]))
             if not s.alive[target] or not self.net.reachable(e, target):
                 self.loop.after(self.r.connect_timeout_s, self._job_failed, req, req.token,
                                 "unreachable")
@@ -480,21 +522,22 @@ class Requests:
             self.loop.after(self.net.owd(node, e), self._busy, req, token)
 
     def _late(self, req: Req, node: int) -> bool:
-        """The executor's side of deadline admission: its own estimate (the same policy
-        formula, on its true queue and measured speed) ends after the request's deadline."""
+        """The executor's side of deadline admission (``probing.refuses``, as the node's
+        executor checks ``admit_by_ms``): its own estimate on its true queue and measured
+        speed ends after the request's deadline."""
         s = self.s
+        name = self.model_names[req.model]
         own = Place(node, True, s.speed[node], len(s.queue[node]),
                     1 if s.running[node] >= 0 else 0, s.max_queue)
-        expected = self.router.expected_ms(self.model_names[req.model],
-                                           self.tr.max_tokens[req.rid], own)
-        return self.loop.now + expected / 1000.0 > req.deadline
+        return refuses(self.loop.now_ms(), req.deadline, self.router.facts(name, own),
+                       RequestFacts(name, max_tokens=self.tr.max_tokens[req.rid]))
 
     def _busy(self, req: Req, token: int) -> None:
         if token != req.token:
             return
         if self.r.reputation and req.target != req.entry:
             st = self.standing[req.entry].get(req.target, Standing())
-            self.standing[req.entry][req.target] = policy.after_refusal(st)
+            self.standing[req.entry][req.target] = after_refusal(st)
         self._try(req, req.next)
 
     def _job_failed(self, req: Req, token: int, reason: str) -> None:
@@ -550,20 +593,22 @@ class Requests:
     def _complete(self, req: Req, node: int, decode: float) -> None:
         self.m.executor[req.rid] = node
         self.m.dispatched[req.rid] = req.sent
-        if self.r.reputation and node != req.entry:
-            claimed_speed, claimed_wait = req.claims.get(node, (0.0, 0.0))
-            measured = self.tr.output[req.rid] / decode if decode > 0 else 0.0
+        if self.r.reputation and node != req.entry:  # Mesh._job_done
+            tr, rid = self.tr, req.rid
+            claimed, queue_depth, active = req.claims.get(node, (0.0, 0, 0))
+            first = (req.started + tr.prompt[rid] / self.s.prefill[node]
+                     + self.net.owd(node, req.entry))
             st = self.standing[req.entry].get(node, Standing())
-            self.standing[req.entry][node] = policy.after_job(
-                st, claimed_tokens_per_s=claimed_speed, measured_tokens_per_s=measured,
-                claimed_wait_ms=claimed_wait,
-                observed_wait_ms=(req.started - req.arrived) * 1000.0)
+            self.standing[req.entry][node] = after_result(
+                st, claimed_tokens_per_s=claimed, queue_depth=queue_depth, active_jobs=active,
+                max_tokens=tr.max_tokens[rid], tokens=tr.output[rid], sent_s=req.sent,
+                first_s=first, ended_s=first + decode)
         self._end(req, True)
 
     def _observe_failure(self, e: int, node: int) -> None:
         if self.r.reputation:
             st = self.standing[e].get(node, Standing())
-            self.standing[e][node] = policy.after_failure(st)
+            self.standing[e][node] = after_failure(st)
 
     def executor_gone(self, node: int, jobs: list[int]) -> None:
         """An executor vanished: requesters whose job was there notice shortly."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from rbee_p2p.routing.probing import PROBE_TIMEOUT_MS
+
 __all__ = ["Scenario", "Workload", "Surge", "Routing", "Gossip", "Network", "Partition",
            "Churn", "Malicious", "Sim", "load", "parse", "ScenarioError"]
 
@@ -47,15 +49,16 @@ class Workload:
 
 @dataclass(frozen=True)
 class Routing:
+    """How requests are routed.  In the sample design the weights, pool, probe draw, quorum,
+    what is ranked and the admission deadline are the node's own code
+    (``rbee_p2p.routing.probing``); only how many probes and the probe timeout are settings,
+    as on the node (``MeshConfig.probes`` / ``probe_timeout_s``)."""
+
     mode: str = "sample"  # "sample" (pools + probes) or "flood" (today's node: load gossip)
-    probes: int = 32  # sample: candidates probed per request
-    pool: int = 64  # sample: peers kept per model
-    pool_by_speed: bool = True  # sample: pools drawn by advertised speed (else uniformly)
-    probe_by_speed: bool = False  # sample: probes drawn by speed x trust (else by trust)
-    probe_wait_s: float = 0.3  # sample: decide with the answers in by then at the latest
-    probe_quorum: float = 0.5  # sample: ... or as soon as this share of probes answered
-    dead_after_s: float = 2.0  # a probe unanswered this long marks the peer suspect
-    suspect_retry_s: float = 10.0  # a suspect peer may be probed again after this
+    probes: int = 32  # sample: candidates probed per request (node: MeshConfig.probes)
+    probe_wait_s: float = PROBE_TIMEOUT_MS / 1000  # sample: decide by then at the latest
+    rtt_latency: bool = False  # sample: rank with the probe's round trip as latency_ms (the
+    # node does not measure it yet: False runs what the node does)
     max_rounds: int = 3  # plan -> try the ranked places; again after a backoff
     backoff_s: float = 1.0
     connect_timeout_s: float = 3.0  # a job sent to a vanished peer fails after this
@@ -66,8 +69,7 @@ class Routing:
     max_queue: int = 2  # the node's admission limit (rbee-node: 16; flood.toml uses that)
     admission: str = "deadline"  # "queue": refuse when full; "deadline": also refuse a job
     # the node would finish after the deadline the requester derived from the policy's
-    # estimate when it chose the node (x (1 + deadline_slack)): someone else got there first
-    deadline_slack: float = 0.25
+    # estimate (routing.probing.admit_by_ms / refuses): someone else got there first
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ..errors import (Busy, Forbidden, InvalidRequest, ModelNotFound, ModelUnava
                       PeerUnavailable, RequestError)
 from ..routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestFacts, Snapshot,
                        TenantFacts, decide, expected_ms, fastest)
+from ..routing.probing import refuses
 from ..store.writer import AuditWriter
 from .local import LocalJob
 from .request import Job, Request, Stamp
@@ -241,14 +242,11 @@ class Dispatcher:
         if model_digest is not None and model_digest != engine.card.digest:
             raise ModelNotFound(f"model {request.model} here has another digest")
         job = self._local_job(engine, request, Stamp(), entry=False, request_id=request_id)
-        if admit_by_ms is not None:
-            finish = now_ms + expected_ms(self.local_facts(engine),
-                                          RequestFacts(engine.card.name,
-                                                       max_tokens=request.units))
-            if finish > admit_by_ms:
-                raise Busy(f"this node would finish {finish - admit_by_ms:.0f} ms after "
-                           "the requester's estimate (another job got here first)",
-                           retry_after=0.1)
+        facts = RequestFacts(engine.card.name, max_tokens=request.units)
+        if refuses(now_ms, admit_by_ms, self.local_facts(engine), facts):
+            late = now_ms + expected_ms(self.local_facts(engine), facts) - (admit_by_ms or 0)
+            raise Busy(f"this node would finish {late:.0f} ms after the requester's estimate "
+                       "(another job got here first)", retry_after=0.1)
         return job
 
 

@@ -26,11 +26,12 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
 from ..protocol.peers import PeerState, PeerTable
-from ..routing import (DEFAULT_TOKENS_PER_S, DeviceFacts, ModelFacts, PeerFacts, RequestFacts,
-                       expected_ms)
-from ..routing.reputation import (Standing, after_failure, after_job, after_refusal,
+from ..routing import DeviceFacts, ModelFacts, PeerFacts, RequestFacts
+from ..routing.probing import (admit_by_ms, decided, draw_pool, draw_probes, pool_due, to_rank,
+                               weighted)
+from ..routing.reputation import (Standing, after_failure, after_refusal, after_result,
                                   effective_speed, failure_penalty_ms, trust)
-from ..routing.sampling import peer_key, pick, pool
+from ..routing.sampling import peer_key
 from ..store.writer import AuditWriter
 from .executor import PROTOCOL_ID, Executor, Timing
 from .remote import RemoteJob
@@ -409,42 +410,41 @@ class Mesh:
         if not self._large[model]:
             return everyone
         keep = self._pool(model, serving)
-        chosen = pick(peer_key(os.urandom(8)), [w for w in self._weighted(model, serving)
-                                                if w[0].id in keep], cfg.probes)
+        chosen = draw_probes(peer_key(os.urandom(8)), self._weighted(model, serving),
+                             lambda p: p.id in keep, cfg.probes)
         answered: list[str] = []
         with trio.move_on_after(cfg.probe_timeout_s):
             async with trio.open_nursery() as nursery:
                 async def probe(peer: PeerFacts) -> None:
                     if await self._probe(self.peer_bytes(peer.id)):
                         answered.append(peer.id)
-                        if 2 * len(answered) >= len(chosen):
+                        if decided(len(answered), len(chosen)):
                             nursery.cancel_scope.cancel()
 
                 for peer in chosen:
                     nursery.start_soon(probe, peer)
-        wanted = set(answered) or {p.id for p in chosen}
+        wanted = set(to_rank([p.id for p in chosen], answered))
         return tuple(p for p in self.peers() if p.id in wanted)
 
     def _weighted(self, model: str,
                   peers: list[PeerFacts]) -> list[tuple[PeerFacts, int, float]]:
-        """(peer, its sampling key, its weight: advertised speed, less when suspect)."""
-        out = []
-        for p in peers:
-            key = self._keys.get(p.id)
-            if key is None:
-                key = self._keys[p.id] = peer_key(self.peer_bytes(p.id))
-            out.append((p, key, p.speed(model) * p.reputation *
-                        (1.0 if p.state == "alive" else 0.25)))
-        return out
+        """(peer, its sampling key, its weight: ``routing.probing.weight``)."""
+        def key(p: PeerFacts) -> int:
+            k = self._keys.get(p.id)
+            if k is None:
+                k = self._keys[p.id] = peer_key(self.peer_bytes(p.id))
+            return k
+
+        return weighted(peers, model, key)
 
     def _pool(self, model: str, serving: list[PeerFacts]) -> set[str]:
         """The peers this node keeps for ``model`` (4 x probes of them): a weighted sample
         salted with our own id, so each node keeps its own; redrawn every 5 s at most."""
         now = trio.current_time()
         cached = self._pools.get(model)
-        if cached is None or now - cached[0] > 5.0:
-            drawn = pool(peer_key(self.key.peer_id), self._weighted(model, serving),
-                         4 * self.config.probes)
+        if cached is None or pool_due(int(cached[0] * 1000), int(now * 1000)):
+            drawn = draw_pool(peer_key(self.key.peer_id), self._weighted(model, serving),
+                              self.config.probes)
             cached = self._pools[model] = (now, {p.id for p in drawn})
         return cached[1]
 
@@ -500,18 +500,16 @@ class Mesh:
         against what the peer's advert claimed when we chose it."""
         entry = self.table.peers.get(job.where)
         tokens = job.completion.completion_tokens
-        if entry is None or job.first_at is None or job.ended_at is None or tokens <= 8:
+        if entry is None or job.first_at is None or job.ended_at is None:
             return
         advert = entry.advert
         claimed = next((m.tokens_per_s for m in advert.models if m.name == job.request.model),
                        0.0)
-        measured = (tokens - 1) / max(job.ended_at - job.first_at, 1e-6)
-        claimed_wait = (advert.queue_depth + advert.active_jobs) * job.request.max_tokens / \
-            (claimed or DEFAULT_TOKENS_PER_S) * 1000
-        self.standings[job.where] = after_job(
+        self.standings[job.where] = after_result(
             self.standings.get(job.where, Standing()), claimed_tokens_per_s=claimed,
-            measured_tokens_per_s=measured, claimed_wait_ms=claimed_wait,
-            observed_wait_ms=(job.first_at - job.started_at) * 1000)
+            queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
+            max_tokens=job.request.max_tokens, tokens=tokens, sent_s=job.started_at,
+            first_s=job.first_at, ended_s=job.ended_at)
 
     def _admit_by(self, peer_id: bytes, request: Request) -> int | None:
         """In a large swarm, when the peer should be done by our estimate (x 1.25, + 250 ms
@@ -521,8 +519,8 @@ class Mesh:
         cached = self._facts.get(peer_id)
         if not self._large.get(request.model) or cached is None:
             return None
-        estimate = expected_ms(cached[1], RequestFacts(request.model, max_tokens=request.units))
-        return now_ms() + int(1.25 * estimate) + 250
+        return admit_by_ms(now_ms(), cached[1],
+                           RequestFacts(request.model, max_tokens=request.units))
 
     def _refused(self, peer_id: bytes) -> None:
         """It said it had room, then refused ("busy")."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Standing", "after_job", "after_failure", "after_refusal", "trust",
-           "effective_speed", "failure_penalty_ms"]
+from .facts import DEFAULT_TOKENS_PER_S
+
+__all__ = ["Standing", "after_job", "after_result", "claimed_wait_ms", "after_failure",
+           "after_refusal", "trust", "effective_speed", "failure_penalty_ms", "MIN_TOKENS"]
 
 WEIGHT = 0.5
 """How much one observation moves an average."""
@@ -50,6 +52,35 @@ def after_job(standing: Standing, *, claimed_tokens_per_s: float, measured_token
     kept = min(ratios)
     return replace(standing, pace=(1 - weight) * standing.pace + weight * kept,
                    failures=(1 - weight) * standing.failures, jobs=standing.jobs + 1)
+
+
+MIN_TOKENS = 8
+"""Jobs with fewer tokens than this say too little about a peer's speed to learn from."""
+
+
+def claimed_wait_ms(queue_depth: int, active_jobs: int, max_tokens: int,
+                    claimed_tokens_per_s: float) -> float:
+    """The wait a peer's advert promised: the jobs it had, each as long as this one may be,
+    at the speed it claimed (the default speed when it claimed none)."""
+    speed = claimed_tokens_per_s if claimed_tokens_per_s > 0 else DEFAULT_TOKENS_PER_S
+    return (queue_depth + active_jobs) * max_tokens / speed * 1000.0
+
+
+def after_result(standing: Standing, *, claimed_tokens_per_s: float, queue_depth: int,
+                 active_jobs: int, max_tokens: int, tokens: int, sent_s: float,
+                 first_s: float, ended_s: float) -> Standing:
+    """A text job came back: learn from what the requester saw against the advert it chose
+    the peer by (its claimed speed and load).  ``sent_s``: when the job was sent,
+    ``first_s`` / ``ended_s``: when its first and last tokens arrived (one clock, any
+    origin).  Jobs of ``MIN_TOKENS`` tokens or fewer leave the standing as it was."""
+    if tokens <= MIN_TOKENS:
+        return standing
+    measured = (tokens - 1) / max(ended_s - first_s, 1e-6)
+    return after_job(standing, claimed_tokens_per_s=claimed_tokens_per_s,
+                     measured_tokens_per_s=measured,
+                     claimed_wait_ms=claimed_wait_ms(queue_depth, active_jobs, max_tokens,
+                                                     claimed_tokens_per_s),
+                     observed_wait_ms=(first_s - sent_s) * 1000.0)
 
 
 def after_failure(standing: Standing, *, weight: float = WEIGHT) -> Standing:
