@@ -19,6 +19,7 @@ from rbee_p2p.routing import ModelFacts, PeerFacts, RequestFacts, probing, reput
 from rbee_p2p.routing.reputation import Standing
 from simulations import policy as sim_policy
 from simulations import requests as sim_requests
+from simulations import views as sim_views
 from simulations.scenario import parse
 from simulations.swarm import Swarm
 from simulations.world import build_world
@@ -35,7 +36,8 @@ SHARED = {
 
 @pytest.mark.parametrize("module,name", [(m, n) for m, names in SHARED.items() for n in names])
 def test_the_simulator_calls_the_very_functions_of_rbee_p2p_routing(module, name):
-    assert getattr(sim_requests, name) is getattr(module, name)
+    used = [m for m in (sim_requests, sim_views) if name in vars(m)]
+    assert used and all(getattr(m, name) is getattr(module, name) for m in used)
 
 
 def test_the_node_calls_them_too():
