@@ -42,7 +42,7 @@ def facts(mesh):
 def test_an_honest_peer_keeps_its_standing():
     mesh = mesh_knowing_b()
     for _ in range(5):
-        mesh._job_done(finished_job(measured_tps=150.0))
+        mesh.view._job_done(finished_job(measured_tps=150.0))
     peer = facts(mesh)
     assert peer.reputation > 0.95 and peer.speed("smollm2") > 140
 
@@ -50,7 +50,7 @@ def test_an_honest_peer_keeps_its_standing():
 def test_a_peer_claiming_three_times_its_speed_sinks_and_loses_to_an_honest_one():
     liar = mesh_knowing_b(claimed_tps=300.0)
     for _ in range(4):
-        liar._job_done(finished_job(measured_tps=100.0))
+        liar.view._job_done(finished_job(measured_tps=100.0))
     peer = facts(liar)
     assert peer.reputation < 0.5 and peer.speed("smollm2") < 120
     honest = peer.__class__(id="honest", models=(peer.models[0].__class__(
@@ -62,7 +62,7 @@ def test_a_peer_claiming_three_times_its_speed_sinks_and_loses_to_an_honest_one(
 def test_failures_and_refusals_count_against_a_peer():
     mesh = mesh_knowing_b()
     before = facts(mesh)
-    mesh._suspect(B.peer_id)
-    mesh._refused(B.peer_id)
+    mesh.view._suspect(B.peer_id)
+    mesh.view._refused(B.peer_id)
     after = facts(mesh)
     assert after.reputation < before.reputation and after.latency_ms > before.latency_ms

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-import rbee_p2p.mesh.service as service
+import rbee_p2p.mesh.peers as service  # where the mesh draws, probes and learns
 import rbee_p2p.routing as routing
 from rbee_p2p.mesh.service import Mesh, MeshConfig
 from rbee_p2p.protocol.envelope import Verifier
@@ -73,7 +73,7 @@ def run_candidates(monkeypatch, answering, salt_bytes=b"\x01" * 8):
     peers = peers_serving()
     mesh = Mesh(MeshConfig(probe_above=4, probes=6), KEYS[0], local=None, executor=None,
                 verifier=Verifier())
-    monkeypatch.setattr(mesh, "peers", lambda: peers)
+    monkeypatch.setattr(mesh.view, "peers", lambda: peers)
     monkeypatch.setattr(service.os, "urandom", lambda n: salt_bytes[:n])
     probed = []
 
@@ -84,7 +84,7 @@ def run_candidates(monkeypatch, answering, salt_bytes=b"\x01" * 8):
         await trio.sleep(10)  # never answers: the timeout ends the wait
         return False
 
-    monkeypatch.setattr(mesh, "_probe", probe)
+    monkeypatch.setattr(mesh.view, "_probe", probe)
 
     async def main():
         return await mesh.candidates("m")
@@ -111,8 +111,8 @@ def test_the_mesh_and_the_simulator_pick_the_same_candidates(monkeypatch):
     answering = {bytes(k.peer_id) for k in KEYS[1::2]}  # every other peer answers
     _, mesh, probed, got = run_candidates(monkeypatch, answering)
     want, chosen = expected_candidates(peers, {p.id for p in peers
-                                               if mesh.peer_bytes(p.id) in answering})
-    assert sorted(mesh.peer_bytes(p.id) for p in chosen) == sorted(probed)
+                                               if mesh.view.peer_bytes(p.id) in answering})
+    assert sorted(mesh.view.peer_bytes(p.id) for p in chosen) == sorted(probed)
     assert {p.id for p in got} == want
     assert 0 < len(want) < len(chosen) and set(ids) > want
 
