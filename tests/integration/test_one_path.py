@@ -8,19 +8,21 @@ RemoteJobs over in-memory streams; time is virtual."""
 
 import base64
 import json
+from contextlib import aclosing
 
 import pytest
 import samples
 import trio
 import trio.testing
-from test_forward import TIMING, Audit, Mem
+from test_forward import TIMING, Audit, Mem, call
 
 from rbee_p2p.api.schemas import Limits
 from rbee_p2p.config import NodeConfig
-from rbee_p2p.dispatch import Dispatcher
+from rbee_p2p.dispatch import Dispatcher, Stamp
 from rbee_p2p.engines.diffusion import ScriptedImageEngine
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
+from rbee_p2p.errors import EngineFailure
 from rbee_p2p.mesh.executor import Executor
 from rbee_p2p.mesh.remote import RemoteJob
 from rbee_p2p.node import Node
@@ -49,6 +51,7 @@ class Peers:
         self.nursery, self.key = nursery, key
         self.peers = {}  # peer id (str) -> (key, engines, executor, audit)
         self.tried, self.failed = [], []
+        self.streams = []  # the executors' ends of the jobs' streams
         self.audit = Audit()  # the entry side's records of forwarded jobs
 
     def add(self, key, *engines, tokens_per_s=100.0):
@@ -83,6 +86,7 @@ class Peers:
 
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
+            self.streams.append(right)
             self.nursery.start_soon(executor.handle, Mem(right), self.key.peer_id)
             return Mem(left)
 
@@ -266,3 +270,33 @@ async def test_a_failure_mid_stream_is_an_error_event_with_the_tables_type_and_c
     error = events[-1]["error"]
     assert (error["type"], error["code"]) == ("server_error", "engine_failure")
     assert "scripted failure" in error["message"]
+
+
+# -- a forwarded job's entry record: error when the peer is lost, cancelled when the client
+#    leaves -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ending", ["peer lost", "client gone"])
+async def test_a_forwarded_job_that_ends_early_is_audited_as_what_happened(
+        autojump_clock, nursery, ending):
+    peers = Peers(nursery)
+    executed = peers.add(B, ScriptedEngine("fake", token_seconds=0.1, batch=1))
+    job = await peers.start(B.peer_id_str, call(max_tokens=50), Stamp())
+    got = []
+    if ending == "peer lost":
+        with pytest.raises(EngineFailure, match="mid-stream"):
+            async with aclosing(job.batches()) as batches:
+                async for batch in batches:
+                    got += batch
+                    if len(got) == 3:
+                        await peers.streams[-1].aclose()  # the executor's side is cut
+    else:
+        async with aclosing(job.batches()) as batches:
+            async for batch in batches:
+                got += batch
+                if len(got) == 3:
+                    break
+    await trio.sleep(1)
+    (kind, outcome, fields), = peers.audit.records
+    assert (kind, outcome) == ("entry", "error" if ending == "peer lost" else "cancelled")
+    assert fields["exec_peer"] == B.peer_id
+    assert [r[:2] for r in executed.records] == [("execute", "cancelled")]
