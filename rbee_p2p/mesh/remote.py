@@ -210,9 +210,11 @@ class RemoteJob:
             if not produced:  # nothing reached the client yet: another peer may take over
                 raise PeerUnavailable(f"{name}… failed before the first token: {exc}") from None
             raise EngineFailure(f"peer {name}… failed mid-stream: {exc}") from None
+        except (GeneratorExit, trio.Cancelled):  # the client went away: not a failure
+            outcome = "cancelled"
+            raise
         finally:
             if outcome != "ok" and not self.session.finished:
-                outcome = "cancelled"
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     try:
                         await self.frames.send(seal(self.key, Cancel(

@@ -239,14 +239,19 @@ async def test_a_model_that_does_not_fit_is_not_loaded_and_refused_clearly(
     assert "loaded model small on cpu" in out
     node = Node(config, engines, "peer", capacity=capacity)
     client = node.app.test_client()
-    for body in ({"model": "big", "prompt": "x"}, {"model": "big-alias", "prompt": "x"},
-                 {"prompt": "x"}):
+    reason = ("needs ~700 MiB on cpu, but only 400 MiB of its 1000 MiB budget is left "
+              "(in use: small); raise memory_budget_mb or memory_headroom, or pin it to "
+              "another device")
+    for body, said in (({"model": "big", "prompt": "x"}, "model 'big' is not loaded on this node"),
+                       ({"model": "big-alias", "prompt": "x"},
+                        "model 'big' is not loaded on this node"),
+                       ({"prompt": "x"}, "images are unavailable on this node")):
         r = await client.post("/v1/images/generations", json=body)
         assert r.status_code == 503
         error = (await r.get_json())["error"]
         assert (error["code"], error["param"]) == ("model_unavailable", "model")
         assert "Retry-After" not in r.headers
-    assert "not loaded on this node" in error["message"] or "unavailable" in error["message"]
+        assert error["message"] == f"{said}: {reason}"
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": "big"})
     assert r.status_code == 503
     assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "small"})

@@ -9,6 +9,7 @@ from rbee_p2p.config import NodeConfig
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.errors import ConfigError
 from rbee_p2p.node import Node, check_exposure
+from rbee_p2p.protocol.identity import NodeKey
 from rbee_p2p.tenancy.tenants import TenantBook
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello there"}],
@@ -25,13 +26,13 @@ class Recorder:
         self.records.append({"kind": kind, "outcome": outcome, **fields})
 
 
-def make(tmp_path, jurisdiction="", **tenants):
+def make(tmp_path, jurisdiction="", key=None, **tenants):
     book = TenantBook.open(tmp_path)
     keys = {name: book.add(name, **settings) for name, settings in tenants.items()}
     book.save()
     audit = Recorder()
     node = Node(NodeConfig(home=tmp_path, default_model=False, jurisdiction=jurisdiction),
-                [ScriptedEngine("fake", script="one two three")], "me", audit=audit)
+                [ScriptedEngine("fake", script="one two three")], "me", audit=audit, key=key)
     now = [1_700_000_000.0]
     node.gate.clock = lambda: now[0]
     return node, keys, audit, now, node.app.test_client()
@@ -115,7 +116,8 @@ async def test_concurrency_slot_is_freed_after_errors(tmp_path, autojump_clock):
 
 
 async def test_residency_no_eligible_node_is_403_with_a_clear_message(tmp_path, autojump_clock):
-    node, keys, audit, _, client = make(tmp_path, "US", eu={"residency": "EU"}, us={})
+    node_key = NodeKey.from_seed(bytes([5]) * 32)
+    node, keys, audit, _, client = make(tmp_path, "US", node_key, eu={"residency": "EU"}, us={})
     r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["eu"]))
     assert r.status_code == 403
     message = (await r.get_json())["error"]["message"]
@@ -128,7 +130,8 @@ async def test_residency_no_eligible_node_is_403_with_a_clear_message(tmp_path, 
     assert r.status_code == 200
     record = audit.records[-1]
     assert (record["kind"], record["outcome"], record["jurisdiction"]) == ("entry", "ok", "US")
-    assert record["exec_peer"] is None or record["exec_peer"] == record["entry_peer"]
+    # ran here: this node took it and executed it
+    assert record["entry_peer"] == record["exec_peer"] == node_key.peer_id
 
 
 async def test_residency_met_locally_runs_here(tmp_path, autojump_clock):
