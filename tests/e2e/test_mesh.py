@@ -75,7 +75,9 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     joined_s = time.monotonic() - start
 
     client = sdk(a)
-    assert "smollm2" not in [m.id for m in client.models.list()]  # A serves none itself
+    # A serves none itself: the model it lists is C's
+    listed = {m.id: m.model_extra for m in client.models.list()}
+    assert (listed["smollm2"]["local"], listed["smollm2"]["peers"]) == (False, [c.peer_id])
     stream = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=16,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -92,7 +94,7 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     assert all(f.outcome == "ok" and f.receipt_sig for f in forwarded)  # receipts verified
     assert {f.receipt_sig for f in forwarded} == {e.receipt_sig for e in executed}
     assert forwarded[0].exec_peer == executed[0].exec_peer
-    assert c.status()["models"][0]["requests_served"] == 2  # the two completions
+    assert c.status()["models"][0]["requests_served"] == 3  # two completions, one embedding
     assert joined_s < 15
     import shutil
     import subprocess
