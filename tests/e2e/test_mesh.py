@@ -75,9 +75,9 @@ def test_three_nodes_a_request_on_a_runs_on_c(nodes):
     joined_s = time.monotonic() - start
 
     client = sdk(a)
-    # A serves none itself, but lists what its peers serve (clients list models first)
-    listed = {m.id: m for m in client.models.list()}
-    assert listed["smollm2"].local is False and listed["smollm2"].peers == [c.peer_id]
+    # A serves none itself: the model it lists is C's
+    listed = {m.id: m.model_extra for m in client.models.list()}
+    assert (listed["smollm2"]["local"], listed["smollm2"]["peers"]) == (False, [c.peer_id])
     stream = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=16,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)

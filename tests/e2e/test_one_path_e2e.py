@@ -1,4 +1,5 @@
-"""The one request path between real nodes (processes, libp2p on 127.0.0.1): a Starlark
+"""(Named apart from integration/test_one_path.py: pytest needs distinct basenames.)
+The one request path between real nodes (processes, libp2p on 127.0.0.1): a Starlark
 policy and a pin on the entry node choose the executing peer; a peer killed mid-stream is
 a clean SSE error and an audited error; a client closing a forwarded stream stops the
 executor; /v1/models shows a peer's model while the peer lives.
