@@ -106,6 +106,7 @@ class NodeConfig:
     advert_budget: float = 0.5  # large swarms: reminders per second for the whole swarm
     probe_above: int = 32  # more peers than this serve a model: sample and probe their load
     probes: int = 8  # candidates probed per request then
+    max_peers: int = 4096  # peers kept in the table (dead ones make room; then refused)
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
     audit_retention_days: float | None = None  # prune older audit records; None: keep all
     # -- routing --
@@ -175,6 +176,7 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
             "dead_after": float, "advert_budget": float, "probe_above": int, "probes": int,
+            "max_peers": int,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
             "memory_headroom": float, "audit_retention_days": float,
             "policy": str, "policy_timeout_ms": int}
@@ -295,6 +297,8 @@ def load_config(
                           "image_url_ttl >= 1 and image_store_mb >= 1")
     if config.audit_retention_days is not None and not 0 < config.audit_retention_days < 1e6:
         raise ConfigError("audit_retention_days must be a positive number of days")
+    if config.max_peers < 1:
+        raise ConfigError("max_peers must be at least 1")
     if not 0 < config.suspect_after < config.dead_after:
         raise ConfigError("need 0 < suspect_after < dead_after")
     if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:

@@ -161,6 +161,7 @@ class Node:
             jurisdiction=c.jurisdiction, advert_interval_s=c.advert_interval,
             suspect_after_s=c.suspect_after, dead_after_s=c.dead_after,
             advert_budget=c.advert_budget, probe_above=c.probe_above, probes=c.probes,
+            max_peers=c.max_peers,
             mdns_interfaces=c.mdns_interfaces)
         self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
         self.dispatcher.remote = self.mesh

@@ -15,14 +15,14 @@ from libp2p.peer.peerinfo import PeerInfo
 from ..dispatch.request import Request, Stamp
 from ..errors import Busy, PeerUnavailable
 from ..protocol.envelope import Verifier
-from ..protocol.identity import NodeKey, peer_id_to_str
+from ..protocol.identity import NodeKey
 from ..protocol.peers import PeerTable
 from ..store.writer import AuditWriter
 from .executor import PROTOCOL_ID
 from .frames import end_quietly
 from .peers import PeerView
 from .remote import RemoteJob
-from .settings import MeshConfig
+from .settings import MeshConfig, short
 
 __all__ = ["Client", "MAX_WARM"]
 
@@ -47,6 +47,29 @@ class Client:
         self._warm: dict[bytes, tuple[Any, float]] = {}  # peer -> (open stream, opened at)
         self._refill_send, self._refill_receive = trio.open_memory_channel[bytes](64)
         self._dial_locks: dict[bytes, trio.Lock] = {}
+        self._stale: list[Any] = []  # warm streams of forgotten peers, to be reset
+        view.membership.forget_listeners.append(self.forget)
+
+    def forget(self, peer: bytes) -> None:
+        """The peer left the table: its dial lock (unless a dial holds it) and its warm
+        stream go (the stream is reset by :meth:`tidy`)."""
+        lock = self._dial_locks.get(peer)
+        if lock is not None and not lock.locked():
+            del self._dial_locks[peer]
+        warm = self._warm.pop(peer, None)
+        if warm is not None:
+            self._stale.append(warm[0])
+
+    async def tidy(self) -> None:
+        """Reset the warm streams of forgotten peers and drop idle dial locks of peers not
+        in the table.  Never raises."""
+        stale, self._stale = self._stale, []
+        for stream in stale:
+            await end_quietly(stream.reset)
+        if len(self._dial_locks) > len(self.table.peers):
+            for peer, lock in list(self._dial_locks.items()):
+                if peer not in self.table.peers and not lock.locked():
+                    del self._dial_locks[peer]
 
     async def start(self, peer: str, request: Request, stamp: Stamp = Stamp()) -> RemoteJob:
         """Open a job on ``peer`` and wait for its first frame.  Raises PeerUnavailable (try
@@ -92,7 +115,7 @@ class Client:
                 with trio.fail_after(3):
                     stream = await self._new_stream(peer)
             except Exception as exc:
-                log.debug("no warm stream to %s: %s", peer_id_to_str(peer)[:16], exc)
+                log.debug("no warm stream to %s: %s", short(peer), exc)
                 continue
             if len(self._warm) >= MAX_WARM:
                 oldest = min(self._warm, key=lambda p: self._warm[p][1])

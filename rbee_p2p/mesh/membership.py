@@ -13,11 +13,11 @@ from libp2p.peer.id import ID
 from .. import __version__
 from ..protocol.envelope import Verified, Verifier, seal
 from ..protocol.errors import ProtocolError
-from ..protocol.identity import NodeKey, peer_id_to_str
+from ..protocol.identity import NodeKey
 from ..protocol.messages import CapabilityAdvert, Price
 from ..protocol.peers import PeerEntry, PeerState, PeerTable
 from .settings import (LocalInfo, MeshConfig, advert_topic, liveness_s, now_ms,
-                       reminder_interval_s)
+                       reminder_interval_s, short)
 
 __all__ = ["Membership"]
 
@@ -37,7 +37,9 @@ class Membership:
         self.addrs = addrs
         self.table = PeerTable(self_id=key.peer_id, swarm=config.swarm,
                                suspect_after_ms=int(config.suspect_after_s * 1000),
-                               dead_after_ms=int(config.dead_after_s * 1000))
+                               dead_after_ms=int(config.dead_after_s * 1000),
+                               max_peers=config.max_peers, on_forget=self._forgotten)
+        self.forget_listeners: list[Callable[[bytes], None]] = []
         self._seq = 0
         self._change = trio.Event()
         # called for a peer that is back (or new): the host forgets its failed dials
@@ -123,7 +125,7 @@ class Membership:
         if before is None or before.state is not PeerState.ALIVE:
             self.on_back(verified.sender)
         if before is None:
-            log.info("peer %s joined (%s)", peer_id_to_str(verified.sender)[:16],
+            log.info("peer %s joined (%s)", short(verified.sender),
                      ", ".join(m.name for m in entry.advert.models) or "no models")
         return entry
 
@@ -157,11 +159,15 @@ class Membership:
                 continue
             self.receive_one(sender, message.data, now_ms())
 
+    def _forgotten(self, peer: bytes) -> None:
+        for listener in self.forget_listeners:
+            listener(peer)
+
     def age(self, now: int) -> list[bytes]:
         """Age the table once; returns the peers forgotten."""
         gone = []
         for peer, old, new in self.table.tick(now):
-            log.info("peer %s: %s -> %s", peer_id_to_str(peer)[:16], old.value,
+            log.info("peer %s: %s -> %s", short(peer), old.value,
                      new.value if new else "forgotten")
             if new is None:
                 gone.append(peer)

@@ -25,7 +25,7 @@ from ..routing.sampling import peer_key
 from .frames import FrameStream, end_quietly
 from .membership import Membership
 from .remote import RemoteJob
-from .settings import PROBE_ID, MeshConfig, now_ms
+from .settings import MAX_MODELS, PROBE_ID, Capped, MeshConfig, now_ms, short
 
 __all__ = ["PeerView", "peer_facts"]
 
@@ -51,8 +51,11 @@ class PeerView:
         self._keys: dict[str, int] = {}  # peer id -> sampling key
         # what this node saw of each peer's jobs (never gossiped: nothing for a liar to forge)
         self.standings: dict[bytes, Standing] = {}
-        self._pools: dict[str, tuple[float, set[str]]] = {}  # model -> (drawn at, peer ids)
-        self._large: dict[str, bool] = {}  # model -> routed by probing (large swarm)
+        # model -> (drawn at, peer ids); model -> routed by probing (large swarm).  Keyed by
+        # the models requests name, so capped; the per-peer maps above leave with the peer
+        self._pools: dict[str, tuple[float, set[str]]] = Capped(MAX_MODELS)
+        self._large: dict[str, bool] = Capped(MAX_MODELS)
+        membership.forget_listeners.append(self.forget)
 
     def peers(self) -> tuple[PeerFacts, ...]:
         """Facts of the live peers for routing: alive ones, then suspect ones."""
@@ -86,9 +89,35 @@ class PeerView:
         self._suspect(self.peer_bytes(peer_id))
 
     def _suspect(self, peer_id: bytes) -> None:
-        self.standings[peer_id] = after_failure(self.standings.get(peer_id, Standing()))
+        """A job there failed: a worse standing (for a peer in the table: nothing is kept
+        of others) and suspect until its next advert."""
+        if peer_id in self.table.peers:
+            self.standings[peer_id] = after_failure(self.standings.get(peer_id, Standing()))
         self.table.report_failure(peer_id, now_ms())
-        log.warning("peer %s marked suspect", peer_id_to_str(peer_id)[:16])
+        log.warning("peer %s marked suspect", short(peer_id))
+
+    def forget(self, peer: bytes) -> None:
+        """The peer left the table: drop all that is kept of it."""
+        self.standings.pop(peer, None)
+        cached = self._facts.pop(peer, None)
+        if cached is not None:  # names are only ever learnt from the cached facts
+            self._ids.pop(cached[1].id, None)
+            self._keys.pop(cached[1].id, None)
+
+    def sweep(self) -> None:
+        """Drop what is kept of peers not in the table (e.g. a refusal from a peer that
+        was never there); cheap when there is nothing to drop."""
+        known = self.table.peers
+        for per_peer in (self.standings, self._facts):
+            if len(per_peer) > len(known):
+                for peer in [p for p in per_peer if p not in known]:
+                    self.forget(peer)
+        for by_name in (self._ids, self._keys):
+            if len(by_name) > len(known):
+                for name in list(by_name):
+                    if self._ids.get(name) not in known:
+                        self._ids.pop(name, None)
+                        self._keys.pop(name, None)
 
     # -- large swarms: sampled, probed candidates ---------------------------------------
 
@@ -157,7 +186,7 @@ class PeerView:
             self.membership.apply(verified, now_ms())
         except Exception as exc:  # cancelled probes are not failures: trio.Cancelled passes
             self.probes["failed"] += 1
-            log.debug("probe of %s failed: %s", peer_id_to_str(peer)[:16], exc)
+            log.debug("probe of %s failed: %s", short(peer), exc)
             return False
         self.probes["answered"] += 1
         return True

@@ -132,7 +132,14 @@ class Mesh:
     async def _age_table(self) -> None:
         while True:
             await trio.sleep(0.25)
-            self.membership.age(now_ms())
+            await self.age(now_ms())
+
+    async def age(self, now: int) -> None:
+        """Age the peer table once; what is kept of peers that left it goes with them
+        (bounded per-peer state: everything keyed by peer is at most ``max_peers``)."""
+        self.membership.age(now)
+        self.view.sweep()
+        await self.client.tidy()
 
     def _unblock(self, peer: bytes) -> None:
         """A peer is back (or new): forget libp2p's 60 s "recently failed" dial cache."""

@@ -11,11 +11,15 @@ from typing import TypeVar
 
 from ..protocol.cadence import (BUDGET_PER_S, CEILING_MS, liveness_limits_ms,
                                 membership_interval_ms)
+from ..protocol.identity import peer_id_to_str
 from ..protocol.messages import DeviceInfo, ModelInfo
 from .executor import Timing
 
 __all__ = ["MeshConfig", "LocalInfo", "advert_topic", "rendezvous_key", "PROBE_ID", "now_ms",
-           "reminder_interval_s", "liveness_s", "Capped"]
+           "reminder_interval_s", "liveness_s", "Capped", "MAX_MODELS", "short"]
+
+MAX_MODELS = 1024
+"""Models remembered per node for routing (pools, large-swarm flags): requests name them."""
 
 PROBE_ID = "/rbee/probe/1.0.0"
 """A stream on which a peer writes its current sealed advert (its load, now) and closes."""
@@ -42,6 +46,7 @@ class MeshConfig:
     probe_above: int = 32  # more peers than this serve a model: sample and probe
     probes: int = 8  # candidates probed per request
     probe_timeout_s: float = 0.25
+    max_peers: int = 4096  # the peer table's cap: dead peers make room, then new ones wait
     timing: Timing = field(default_factory=Timing)
 
 
@@ -87,6 +92,18 @@ def liveness_s(config: MeshConfig, interval_s: float) -> tuple[float, float]:
     (suspect after three missed reminders, dead after six)."""
     suspect, dead, _ = liveness_limits_ms(int(interval_s * 1000))
     return max(config.suspect_after_s, suspect / 1000), max(config.dead_after_s, dead / 1000)
+
+
+class short:
+    """A peer ID for a log line, formatted only if the line is written (base58 costs)."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: bytes) -> None:
+        self.peer = peer
+
+    def __str__(self) -> str:
+        return peer_id_to_str(self.peer)[:16]
 
 
 K = TypeVar("K")

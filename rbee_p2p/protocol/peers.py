@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .envelope import Verified
 from .errors import Misdirected, ProtocolError
@@ -69,6 +69,9 @@ class PeerTable:
     max_peers: int = 4_096
     peers: dict[bytes, PeerEntry] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
+    # told of every peer that leaves the table (forgotten or evicted), so that whatever
+    # else is kept per peer leaves with it
+    on_forget: Callable[[bytes], None] | None = None
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -82,7 +85,9 @@ class PeerTable:
 
     def apply_advert(self, verified: Verified[CapabilityAdvert], now_ms: int) -> PeerEntry:
         """Take a verified advert.  Raises :class:`Stale` (not newer than the one held),
-        :class:`Misdirected` (another swarm, our own, or the table is full); counted."""
+        :class:`Misdirected` (another swarm, our own, or the table is full); counted.  A
+        new peer in a full table (``max_peers``) takes the place of a dead peer; with no
+        dead peer it is refused (the live ones are kept)."""
         sender, advert = verified.sender, verified.message
         try:
             if advert.swarm != self.swarm:
@@ -92,7 +97,7 @@ class PeerTable:
             entry = self.peers.get(sender)
             if entry is not None and advert.seq <= entry.advert.seq:
                 raise Stale(f"advert seq {advert.seq} is not newer than {entry.advert.seq}")
-            if entry is None and len(self.peers) >= self.max_peers:
+            if entry is None and len(self.peers) >= self.max_peers and not self._evict():
                 raise Misdirected("peer table full")
         except ProtocolError as exc:
             self._count(f"rejected_{exc.reason}")
@@ -105,6 +110,22 @@ class PeerTable:
             entry.advert, entry.received_ms = advert, now_ms
             self._move(entry, "advert", now_ms)
         return entry
+
+    def _evict(self) -> bool:
+        """Forget a dead peer (the first found, in the order they joined: a scan that ends
+        early, as this runs for each new peer while the table is full); False if none is
+        dead."""
+        victim = next((e.peer_id for e in self.peers.values() if e.state is P.DEAD), None)
+        if victim is None:
+            return False
+        self._forget(victim)
+        self._count("evicted")
+        return True
+
+    def _forget(self, peer_id: bytes) -> None:
+        del self.peers[peer_id]
+        if self.on_forget is not None:
+            self.on_forget(peer_id)
 
     def count_invalid(self, reason: str) -> None:
         """Record an advert that failed verification before reaching the table."""
@@ -122,7 +143,7 @@ class PeerTable:
             age = entry.age_ms(now_ms)
             old = entry.state
             if old is P.DEAD and age > self.forget_after_ms:
-                del self.peers[peer_id]
+                self._forget(peer_id)
                 changes.append((peer_id, old, None))
                 continue
             limit = self.suspect_after_ms if old is P.ALIVE else self.dead_after_ms

@@ -71,3 +71,29 @@ def test_failure_suspects_and_a_fresh_advert_revives():
 def test_transition_table_is_total_for_events_that_can_happen():
     for state, event in itertools.product(S, ["advert", "failure"]):
         assert (state, event) in TRANSITIONS
+
+
+def test_a_full_table_makes_room_only_by_forgetting_a_dead_peer():
+    from rbee_p2p.protocol.identity import NodeKey
+
+    forgotten = []
+    t = table()
+    t.max_peers, t.on_forget = 1, forgotten.append
+    t.apply_advert(verified(seq=1), NOW)
+    C = NodeKey.from_seed(bytes(range(32)))
+    with pytest.raises(Misdirected, match="full"):  # B is alive: it keeps its place
+        t.apply_advert(verified(key=C), NOW + 10)
+    t.tick(NOW + 9000)  # B is dead now
+    t.apply_advert(verified(key=C), NOW + 9000)
+    assert list(t.peers) == [C.peer_id] and forgotten == [B.peer_id]
+    assert t.counters["evicted"] == 1
+
+
+def test_the_forget_callback_hears_of_every_forgotten_peer():
+    forgotten = []
+    t = table()
+    t.on_forget = forgotten.append
+    t.apply_advert(verified(seq=1), NOW)
+    t.tick(NOW + 9000)
+    t.tick(NOW + 70_000)
+    assert forgotten == [B.peer_id] and not t.peers
