@@ -107,6 +107,10 @@ class NodeConfig:
     probe_above: int = 32  # more peers than this serve a model: sample and probe their load
     probes: int = 8  # candidates probed per request then
     max_peers: int = 4096  # peers kept in the table (dead ones make room; then refused)
+    ping_interval: float = 5.0  # seconds between latency pings to each connected peer
+    device_probe_interval: float = 30.0  # seconds between re-probes of device memory
+    # model -> (input per Mtok, output per Mtok, per image) in micro-credits: [prices.NAME]
+    prices: tuple[tuple[str, tuple[int, int, int]], ...] = ()
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
     audit_retention_days: float | None = None  # prune older audit records; None: keep all
     # -- routing --
@@ -176,7 +180,7 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
             "dead_after": float, "advert_budget": float, "probe_above": int, "probes": int,
-            "max_peers": int,
+            "max_peers": int, "ping_interval": float, "device_probe_interval": float,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
             "memory_headroom": float, "audit_retention_days": float,
             "policy": str, "policy_timeout_ms": int}
@@ -195,6 +199,26 @@ def _pins(table: Any, where: str) -> tuple[tuple[str, str], ...]:
             isinstance(k, str) and k and isinstance(v, str) and v for k, v in table.items()):
         raise ConfigError(f"{where}: must be model = \"peer id or device\" pairs")
     return tuple(sorted(table.items()))
+
+
+_PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "per_image")
+
+
+def _prices(table: Any, where: str) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+    """``[prices.smollm2]`` ``input_per_mtok = 100``, ``output_per_mtok = 200``; for image
+    models ``per_image``: micro-credits this node charges (and advertises) per model."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be tables of prices per model")
+    out = []
+    for model, price in table.items():
+        if not isinstance(price, dict) or set(price) - set(_PRICE_KEYS):
+            raise ConfigError(f"{where}.{model}: only {', '.join(_PRICE_KEYS)} may be set")
+        values = [price.get(k, 0) for k in _PRICE_KEYS]
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63
+               for v in values):
+            raise ConfigError(f"{where}.{model}: prices are whole micro-credits >= 0")
+        out.append((str(model), (values[0], values[1], values[2])))
+    return tuple(sorted(out))
 
 
 def _budgets(table: Any, where: str) -> tuple[tuple[str, int], ...]:
@@ -273,6 +297,8 @@ def load_config(
                 values[key] = _budgets(value, f"{file} memory_budget_mb")
             elif key == "pins":
                 values[key] = _pins(value, f"{file} pins")
+            elif key == "prices":
+                values[key] = _prices(value, f"{file} prices")
             elif key in _SCALARS or key in _LISTS:
                 values[key] = _convert(key, value, str(file))
             else:
@@ -297,8 +323,8 @@ def load_config(
                           "image_url_ttl >= 1 and image_store_mb >= 1")
     if config.audit_retention_days is not None and not 0 < config.audit_retention_days < 1e6:
         raise ConfigError("audit_retention_days must be a positive number of days")
-    if config.max_peers < 1:
-        raise ConfigError("max_peers must be at least 1")
+    if config.max_peers < 1 or config.ping_interval <= 0 or config.device_probe_interval <= 0:
+        raise ConfigError("need max_peers >= 1, ping_interval > 0, device_probe_interval > 0")
     if not 0 < config.suspect_after < config.dead_after:
         raise ConfigError("need 0 < suspect_after < dead_after")
     if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:

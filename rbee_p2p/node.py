@@ -29,7 +29,7 @@ from .mesh.service import LocalInfo, Mesh, MeshConfig
 from .policy_runtime import PolicyRuntime
 from .protocol.envelope import Verifier
 from .protocol.identity import NodeKey
-from .protocol.messages import DeviceInfo
+from .protocol.messages import DeviceInfo, Price
 from .store.audit import AuditLog
 from .store.keys import load_or_create_key
 from .store.writer import AuditWriter
@@ -124,6 +124,12 @@ class Node:
     # -- the mesh -----------------------------------------------------------------------
 
     def devices(self) -> tuple[DeviceInfo, ...]:
+        """The advert's devices: as the capacity's periodic re-probe last saw them
+        (``device_probe_interval``), else probed once."""
+        if self.capacity._watched:
+            current = self.capacity.current_device_infos()
+            if current:
+                return current
         if self._devices is None:
             try:
                 from .engines.hardware import device_infos, probe
@@ -143,25 +149,38 @@ class Node:
             load = self.scheduler.load(engine.card.name)
             queued, active = queued + load.queue_depth, active + load.active
         # device set only for pinned models; speed as measured here
+        prices = dict(self.config.prices)
         models = tuple(dataclasses.replace(
-            m, tokens_per_s=round(self.dispatcher.tokens_per_s.get(m.name, 0.0), 1))
+            m, tokens_per_s=round(self.dispatcher.tokens_per_s.get(m.name, 0.0), 1),
+            price=Price(*prices[m.name]) if m.name in prices else None)
             for m in self.capacity.model_infos(self.scheduler.engines))
         return LocalInfo(models=models, devices=self.devices(), queue_depth=queued,
                          active_jobs=active, max_queue=self.config.max_queue)
+
+    def prices(self) -> dict[str, tuple[int, int, int]]:
+        """This node's configured prices by served name and alias ([prices] in the TOML)."""
+        prices = dict(self.config.prices)
+        out = {}
+        for engine in self.scheduler.engines:
+            card = engine.card
+            if card.name in prices:
+                out.update({name: prices[card.name] for name in (card.name, *card.aliases)})
+        return out
 
     def build_mesh(self) -> Mesh:
         assert self.key is not None
         c = self.config
         verifier = Verifier()
         executor = Executor(self.key, verifier, self.dispatcher.run_here, self.limits,
-                            jurisdiction=c.jurisdiction, audit=self.audit)
+                            jurisdiction=c.jurisdiction, audit=self.audit,
+                            prices=self.prices())
         mesh_config = MeshConfig(
             listen=c.p2p_listen, peers=c.peers, bootstrap=c.bootstrap, swarm=c.swarm,
             mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,
             jurisdiction=c.jurisdiction, advert_interval_s=c.advert_interval,
             suspect_after_s=c.suspect_after, dead_after_s=c.dead_after,
             advert_budget=c.advert_budget, probe_above=c.probe_above, probes=c.probes,
-            max_peers=c.max_peers,
+            max_peers=c.max_peers, ping_interval_s=c.ping_interval,
             mdns_interfaces=c.mdns_interfaces)
         self.mesh = Mesh(mesh_config, self.key, self.local_info, executor, verifier, self.audit)
         self.dispatcher.remote = self.mesh
@@ -224,6 +243,8 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
             if handle_signals:
                 await services.start(_in_scope, helpers, _wait_for_signal, shutdown)
             await services.start(_in_scope, helpers, node.policy.run)
+            await services.start(_in_scope, helpers, node.capacity.watch_devices,
+                                 config.device_probe_interval)
             if config.p2p:
                 await services.start(_in_scope, helpers, node.build_mesh().run)
             async with trio.open_nursery() as http:

@@ -72,6 +72,15 @@ def samples(key: NodeKey, other: NodeKey) -> list[tuple[str, Message]]:
                             output_digest=DIGEST)),
         ("receipt_countersign", ReceiptCountersign(request_id=RID, receipt_digest=DIGEST,
                                                    accepted=True)),
+        ("capability_advert_priced", CapabilityAdvert(
+            swarm="default", seq=2, version="0.1.0", addrs=("/ip4/127.0.0.1/tcp/7834",),
+            models=(ModelInfo(name="smollm2", digest=DIGEST, modality="text", context=8192,
+                              tokens_per_s=150.0, size_bytes=98_000_000,
+                              price=Price(input_per_mtok=100, output_per_mtok=200)),
+                    ModelInfo(name="sd-turbo", digest=DIGEST, modality="image",
+                              price=Price(per_image=5000))),
+            devices=(), queue_depth=0, active_jobs=0, max_queue=16, jurisdiction="EU",
+            price=Price())),
     ]
 
 

@@ -86,7 +86,10 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     print(f"{len(peers)} peer(s) in swarm {status.get('swarm', '?')!r} seen by "
           f"{status['peer_id']}")
     for p in peers:
-        print(f"  {p['id']}  {p['state']:<7}  models: {', '.join(p['models']) or '-'}  "
+        rtt = p.get("latency_ms")
+        latency = f"{rtt:.1f} ms" if rtt is not None else "- ms"
+        print(f"  {p['id']}  {p['state']:<7}  {latency:>9}  "
+              f"models: {', '.join(p['models']) or '-'}  "
               f"queue {p['queue_depth']}  active {p['active_jobs']}  "
               f"advert {p['last_advert_age_s']:.1f}s ago  {p['jurisdiction'] or ''}")
     return 0

@@ -369,6 +369,7 @@ class Capacity:
     loaded: set[str] = field(default_factory=set)
     _limiters: dict[tuple[str, str], trio.CapacityLimiter] = field(default_factory=dict)
     _refreshed: float = 0.0
+    _watched: bool = False  # watch_devices keeps the hardware current, off the loop
 
     @property
     def unavailable(self) -> dict[str, str]:
@@ -396,7 +397,29 @@ class Capacity:
         return sum(p.footprint for p in self.placements
                    if p.device == device and p.name in self.loaded)
 
+    async def watch_devices(self, interval_s: float = 30.0,
+                            reprobe: Callable[[Hardware], Hardware] = refresh, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Re-probe the devices' free memory every ``interval_s`` in a worker thread (the
+        probe blocks: NVML, ggml, psutil), so the adverts carry current numbers without
+        stalling the event loop.  Runs until cancelled (cancel-safe: a probe in flight
+        finishes in its thread and is discarded); ``reprobe`` never raises (see
+        :func:`refresh`)."""
+        self._watched = True
+        task_status.started()
+        while True:
+            await trio.sleep(interval_s)
+            self.hardware = await trio.to_thread.run_sync(reprobe, self.hardware,
+                                                          abandon_on_cancel=True)
+
+    def current_device_infos(self) -> tuple[Any, ...]:
+        """The advert's devices as last probed (never probes)."""
+        return device_infos(self.hardware)
+
     def _fresh(self) -> Hardware:
+        if self._watched:
+            return self.hardware  # kept current off the loop
         now = time.monotonic()
         if now - self._refreshed > 1.0:
             self.hardware = refresh(self.hardware)

@@ -15,7 +15,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import trio
 
@@ -28,7 +28,7 @@ from ..protocol.messages import Cancel, ErrorMessage, InferenceRequest, Receipt,
 from ..protocol.messages import ResultChunk
 from ..protocol.receipts import OutputDigest, digest
 from ..protocol.session import InferenceSession
-from ..routing import satisfies
+from ..routing import charge, satisfies
 from ..store.writer import AuditWriter
 from ..trace import mark
 from .frames import ByteStream, FrameStream, StreamGone
@@ -105,7 +105,8 @@ class Executor:
 
     def __init__(self, key: NodeKey, verifier: Verifier, run: Runner, limits: Limits,
                  *, jurisdiction: str = "", audit: AuditWriter | None = None,
-                 timing: Timing = Timing(), max_frame: int = 1 << 20) -> None:
+                 timing: Timing = Timing(), max_frame: int = 1 << 20,
+                 prices: Mapping[str, tuple[int, int, int]] | None = None) -> None:
         self.key = key
         self.verifier = verifier
         self.run = run
@@ -114,6 +115,9 @@ class Executor:
         self.audit = audit
         self.timing = timing
         self.max_frame = max_frame
+        # model name (and alias) -> (input per Mtok, output per Mtok, per image), charged in
+        # receipts (routing.charge: tokens at their price, rounded down once, plus images)
+        self.prices = dict(prices or {})
         self.served = 0
 
     async def handle(self, stream: ByteStream, remote: bytes) -> None:
@@ -223,7 +227,8 @@ class Executor:
                         requester=remote, model=request.model, model_digest=job.model_digest,
                         tokens_in=completion.prompt_tokens,
                         tokens_out=completion.completion_tokens, ttft_ms=ttft_ms,
-                        total_ms=total_ms, price=0, jurisdiction=self.jurisdiction,
+                        total_ms=total_ms, price=self._charge(request.model, what, job),
+                        jurisdiction=self.jurisdiction,
                         output_digest=reply.output.digest())
                     receipt_raw = seal(self.key, receipt, now_ms=now_ms(), ttl_ms=0)
                     await self._audit("execute", "cancelled" if cancelled else "ok", request,
@@ -236,6 +241,17 @@ class Executor:
             finally:
                 nursery.cancel_scope.cancel()
                 self.served += 1
+
+    def _charge(self, model: str, what: Request, job: Any) -> int:
+        """Micro-credits for a finished job at this node's price for ``model`` (0 if it set
+        none): its prompt and completion tokens, or the images it made."""
+        price = self.prices.get(model)
+        if price is None:
+            return 0
+        completion = job.completion
+        images = len(job.items) if what.image is not None else 0
+        return charge(*price, tokens_in=completion.prompt_tokens,
+                      tokens_out=completion.completion_tokens, images=images)
 
     async def _audit(self, kind: str, outcome: str, request: InferenceRequest, remote: bytes,
                      **fields: Any) -> None:

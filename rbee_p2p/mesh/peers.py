@@ -14,7 +14,7 @@ from libp2p.peer.id import ID
 from ..dispatch.request import Request
 from ..protocol.envelope import Verifier
 from ..protocol.identity import NodeKey, peer_id_to_str
-from ..protocol.messages import CapabilityAdvert
+from ..protocol.messages import CapabilityAdvert, Price
 from ..protocol.peers import PeerState
 from ..routing import DeviceFacts, ModelFacts, PeerFacts, RequestFacts
 from ..routing.probing import (admit_by_ms, decided, draw_pool, draw_probes, pool_due, to_rank,
@@ -23,6 +23,7 @@ from ..routing.reputation import (Standing, after_failure, after_refusal, after_
                                   effective_speed, failure_penalty_ms, trust)
 from ..routing.sampling import peer_key
 from .frames import FrameStream, end_quietly
+from .latency import Latency
 from .membership import Membership
 from .remote import RemoteJob
 from .settings import MAX_MODELS, PROBE_ID, Capped, MeshConfig, now_ms, short
@@ -44,6 +45,7 @@ class PeerView:
         self.table = membership.table
         self.verifier = verifier
         self.host: Any = None
+        self.latency = Latency()  # the mesh puts the one it runs here
         # what routing sees of each peer, rebuilt only when its advert or state changes
         self._facts: dict[bytes, tuple[tuple[Any, ...], PeerFacts]] = {}
         self._ids: dict[str, bytes] = {}
@@ -64,11 +66,13 @@ class PeerView:
             if entry.state is PeerState.DEAD:
                 continue
             standing = self.standings.get(entry.peer_id)
-            version = (entry.advert.seq, entry.state, standing)
+            rtt = self.latency.ms(entry.peer_id)
+            version = (entry.advert.seq, entry.state, standing, rtt)
             cached = self._facts.get(entry.peer_id)
             if cached is None or cached[0] != version:
                 cached = (version, peer_facts(entry.peer_id, entry.advert, entry.state.value,
-                                              standing, self.config.timing.frame_timeout_s))
+                                              standing, self.config.timing.frame_timeout_s,
+                                              rtt or 0.0))
                 self._facts[entry.peer_id] = cached
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
@@ -236,17 +240,23 @@ class PeerView:
 
 
 def peer_facts(peer_id: bytes, advert: CapabilityAdvert, state: str, standing: Standing | None,
-               timeout_s: float) -> PeerFacts:
+               timeout_s: float, rtt_ms: float = 0.0) -> PeerFacts:
     """What routing sees of a peer: its advert, with the speed it claims discounted by how
-    it kept its word so far, and the time its failures are expected to cost as latency."""
+    it kept its word so far, and as latency the measured round trip plus the time its
+    failures are expected to cost."""
     s = standing or Standing()
     return PeerFacts(
         id=peer_id_to_str(peer_id),
         models=tuple(ModelFacts(m.name, m.modality, effective_speed(s, m.tokens_per_s),
-                                m.device) for m in advert.models),
+                                m.device, _price(m.price)) for m in advert.models),
         devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
                       for d in advert.devices),
         queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
         max_queue=advert.max_queue, jurisdiction=advert.jurisdiction,
         price=advert.price.output_per_mtok, state=state, reputation=trust(s),
-        latency_ms=failure_penalty_ms(s, timeout_s * 1000))
+        latency_ms=rtt_ms + failure_penalty_ms(s, timeout_s * 1000))
+
+
+def _price(price: Price | None) -> tuple[int, int, int] | None:
+    return None if price is None else (price.input_per_mtok, price.output_per_mtok,
+                                       price.per_image)

@@ -23,6 +23,7 @@ from ..store.writer import AuditWriter
 from .client import Client
 from .executor import PROTOCOL_ID, Executor
 from .host import build_host, check_ports_free, psk_from_secret
+from .latency import Latency
 from .membership import Membership
 from .peers import PeerView
 from .remote import RemoteJob
@@ -53,6 +54,9 @@ class Mesh:
         self.membership.on_back = self._unblock
         self.view = PeerView(config, key, self.membership, verifier)
         self.client = Client(config, key, verifier, self.view, audit)
+        self.latency = self.view.latency = Latency(config.ping_interval_s,
+                                                   config.ping_concurrency)
+        self.membership.forget_listeners.append(self.latency.forget)
 
     @property
     def table(self) -> PeerTable:
@@ -103,6 +107,7 @@ class Mesh:
         nursery.start_soon(self.membership.publish, self.pubsub)
         nursery.start_soon(self._age_table)
         nursery.start_soon(self.client.keep_warm_streams)
+        nursery.start_soon(self.latency.run, self.host, lambda: list(self.table.peers))
         if cfg.peers:
             nursery.start_soon(self._keep_static_peers)
         if cfg.dht:
@@ -139,6 +144,8 @@ class Mesh:
         (bounded per-peer state: everything keyed by peer is at most ``max_peers``)."""
         self.membership.age(now)
         self.view.sweep()
+        if len(self.latency.rtt) > len(self.table.peers):
+            self.latency.keep(self.table.peers)
         await self.client.tidy()
 
     def _unblock(self, peer: bytes) -> None:
@@ -263,11 +270,19 @@ class Mesh:
                 "queue_depth": e.advert.queue_depth, "active_jobs": e.advert.active_jobs,
                 "jurisdiction": e.advert.jurisdiction, "addrs": list(e.advert.addrs),
                 "last_advert_age_s": round(e.age_ms(now) / 1000, 2),
+                "latency_ms": _rounded(self.latency.ms(e.peer_id)),
+                "prices": {m.name: [m.price.input_per_mtok, m.price.output_per_mtok,
+                                    m.price.per_image] for m in e.advert.models if m.price},
             } for e in self.table.peers.values()],
             "adverts": dict(self.table.counters),
             "probes": dict(self.view.probes),
+            "pings": dict(self.latency.pings),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
+
+
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 2)
 
 
 def _local_ipv4() -> list[str]:

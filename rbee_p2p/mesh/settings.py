@@ -47,6 +47,8 @@ class MeshConfig:
     probes: int = 8  # candidates probed per request
     probe_timeout_s: float = 0.25
     max_peers: int = 4096  # the peer table's cap: dead peers make room, then new ones wait
+    ping_interval_s: float = 5.0  # latency: one ping per connected peer this often
+    ping_concurrency: int = 4  # ... at most this many at once
     timing: Timing = field(default_factory=Timing)
 
 

@@ -112,6 +112,7 @@ class ModelInfo:
     tokens_per_s: Annotated[float, Range(0, 1e7)] = 0.0
     size_bytes: U64 = 0
     device: Annotated[str, MaxLen(32)] | None = None  # pinned device id, if any
+    price: Price | None = None  # what this model costs there; absent: the advert's price
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Like ``rbee_p2p.protocol`` this package is sans-I/O: no trio, libp2p, sockets or
 """
 
 from .facts import (DEFAULT_MAX_QUEUE, DEFAULT_TOKENS_PER_S, Decision, DeviceFacts, ModelFacts,
-                    PeerFacts, Policy, Ranked, Rejected, RequestFacts, Snapshot, TenantFacts)
+                    PeerFacts, Policy, Ranked, Rejected, RequestFacts, Snapshot, TenantFacts,
+                    charge)
 from .policy import (BUILTINS, EU_MEMBERS, LOCAL_MARGIN, cheapest, decide, eligible, expected_ms,
                      fastest, least_loaded, local_only, lowest_latency, pinned, satisfies)
 
@@ -15,4 +16,5 @@ __all__ = [
     "PeerFacts", "Policy", "Ranked", "Rejected", "RequestFacts", "Snapshot", "TenantFacts",
     "BUILTINS", "EU_MEMBERS", "LOCAL_MARGIN", "cheapest", "decide", "eligible", "expected_ms",
     "fastest", "least_loaded", "local_only", "lowest_latency", "pinned", "satisfies",
+    "charge",
 ]

@@ -24,11 +24,21 @@ __all__ = [
     "Policy",
     "DEFAULT_TOKENS_PER_S",
     "DEFAULT_MAX_QUEUE",
+    "charge",
 ]
 
 DEFAULT_TOKENS_PER_S = 50.0
 """Assumed speed of a model nobody has measured yet."""
 DEFAULT_MAX_QUEUE = 64
+
+
+def charge(input_per_mtok: int, output_per_mtok: int, per_image: int, *, tokens_in: int = 0,
+           tokens_out: int = 0, images: int = 0) -> int:
+    """Micro-credits for a job at these prices: tokens at their price per million (rounded
+    down, once, over the sum), plus images.  The executor charges this for what it ran;
+    routing estimates it for what a request asks."""
+    return ((tokens_in * input_per_mtok + tokens_out * output_per_mtok) // 1_000_000
+            + images * per_image)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,8 @@ class ModelFacts:
     modality: str = "text"
     tokens_per_s: float = 0.0  # measured by the node that serves it; 0 = not yet measured
     device: str | None = None  # the device it is pinned to, if any
+    # its price there (micro-credits); None: the place's advert-wide price
+    price: tuple[int, int, int] | None = None  # (input per Mtok, output per Mtok, per image)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "modality": self.modality,
@@ -89,13 +101,29 @@ class PeerFacts:
                 return m.tokens_per_s if m.tokens_per_s > 0 else DEFAULT_TOKENS_PER_S
         return DEFAULT_TOKENS_PER_S
 
+    def cost(self, request: RequestFacts) -> float:
+        """Expected micro-credits for ``request`` here (unrounded, for ranking): the prompt
+        estimate at the model's input price plus ``max_tokens`` at its output price, or
+        ``max_tokens`` (n) images at its image price; a model without its own price costs
+        the place's ``price`` per million output tokens."""
+        m = self.model(request.model)
+        tin, tout, image = m.price if m is not None and m.price is not None else (
+            0, self.price, 0)
+        if request.modality == "image" or request.kind == "image":
+            return float(request.max_tokens * image)
+        return (request.prompt_tokens * tin + request.max_tokens * tout) / 1_000_000
+
     @property
     def full(self) -> bool:
         return self.queue_depth >= self.max_queue
 
     def as_dict(self, model: str | None = None) -> dict[str, Any]:
         """Plain data for scripts (the Starlark contract, node/policies/README.md):
-        ``tokens_per_s`` is ``model``'s measured speed, else the default estimate."""
+        ``tokens_per_s`` is ``model``'s measured speed, else the default estimate;
+        ``price_in`` / ``price_out`` / ``price_image`` its prices (as :meth:`cost`)."""
+        m = self.model(model) if model is not None else None
+        tin, tout, image = m.price if m is not None and m.price is not None else (
+            0, self.price, 0)
         return {
             "id": self.id, "local": self.local,
             "models": [m.name for m in self.models],
@@ -105,6 +133,7 @@ class PeerFacts:
             "tokens_per_s": self.speed(model) if model is not None else 0.0,
             "latency_ms": self.latency_ms, "jurisdiction": self.jurisdiction,
             "price": self.price, "reputation": self.reputation, "state": self.state,
+            "price_in": tin, "price_out": tout, "price_image": image,
         }
 
     @classmethod

@@ -146,13 +146,21 @@ def least_loaded(request: RequestFacts, snapshot: Snapshot) -> Decision:
 
 
 def lowest_latency(request: RequestFacts, snapshot: Snapshot) -> Decision:
-    return _ranked("lowest_latency", snapshot.everyone(), lambda p: p.latency_ms)
+    """Soonest first token: the measured round trip plus the wait for the jobs ahead (at
+    the place's speed), so a near idle place beats a far busy one."""
+    tokens_ms, model = max(request.max_tokens, 1) * 1000.0, request.model
+
+    def wait_ms(p: PeerFacts) -> float:
+        return p.latency_ms + (p.queue_depth + p.active_jobs) * tokens_ms / p.speed(model)
+
+    return _ranked("lowest_latency", snapshot.everyone(), wait_ms)
 
 
 def cheapest(request: RequestFacts, snapshot: Snapshot) -> Decision:
-    """Lowest advertised price; among equal prices the fastest."""
+    """Lowest expected cost of this request (:meth:`PeerFacts.cost`: per-model prices
+    where advertised); among equal costs the fastest."""
     fast = _score(_expected(request))
-    places = sorted(snapshot.everyone(), key=lambda p: (p.price, fast(p)))
+    places = sorted(snapshot.everyone(), key=lambda p: (p.cost(request), fast(p)))
     return Ranked(tuple(p.id for p in places), "cheapest")
 
 

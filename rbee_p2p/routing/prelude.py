@@ -80,13 +80,28 @@ def fastest(peers, request):
     """Best first: the soonest expected completion of request."""
     return sorted(peers, key = lambda p: rbee__score(p, expected_ms(p, request)))
 
-def lowest_latency(peers):
-    """Best first: the shortest network round trip."""
-    return sorted(peers, key = lambda p: rbee__score(p, p["latency_ms"]))
+def wait_ms(p, request):
+    """Round trip plus the wait for the jobs ahead of request on p."""
+    jobs = p["queue_depth"] + p["active_jobs"]
+    return p["latency_ms"] + jobs * (max(request["max_tokens"], 1) * 1000.0) / p["tokens_per_s"]
+
+def lowest_latency(peers, request = None):
+    """Best first: the soonest first token (round trip + queue wait, as the built-in);
+    without request, the shortest round trip."""
+    if request == None:
+        return sorted(peers, key = lambda p: rbee__score(p, p["latency_ms"]))
+    return sorted(peers, key = lambda p: rbee__score(p, wait_ms(p, request)))
+
+def cost(p, request):
+    """Expected micro-credits for request on p (its model's prices)."""
+    if request["modality"] == "image" or request["kind"] == "image":
+        return float(request["max_tokens"] * p["price_image"])
+    return (request["prompt_tokens"] * p["price_in"] +
+            request["max_tokens"] * p["price_out"]) / 1000000.0
 
 def cheapest(peers, request):
-    """Best first: the lowest price; among equal prices the fastest."""
-    return sorted(peers, key = lambda p: (p["price"], rbee__score(p, expected_ms(p, request))))
+    """Best first: the lowest expected cost; among equal costs the fastest."""
+    return sorted(peers, key = lambda p: (cost(p, request), rbee__score(p, expected_ms(p, request))))
 
 def most_vram_free(peers):
     """Best first: the most free accelerator memory."""
@@ -94,7 +109,7 @@ def most_vram_free(peers):
 '''
 
 HELPERS = ("filter", "ids", "with_model", "vram_free", "has_gpu", "with_gpu", "with_capacity",
-           "in_jurisdiction", "load_of", "expected_ms", "least_loaded", "fastest",
-           "lowest_latency", "cheapest", "most_vram_free", "reject", "EU")
+           "in_jurisdiction", "load_of", "expected_ms", "wait_ms", "cost", "least_loaded",
+           "fastest", "lowest_latency", "cheapest", "most_vram_free", "reject", "EU")
 """What every policy sees predefined (``reject`` is a host function)."""
 

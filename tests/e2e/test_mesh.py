@@ -185,7 +185,7 @@ def test_large_swarm_mode_probes_sampled_candidates_for_their_load(nodes):
         node.wait_ready()
     a_home = b.log.parent.parent / "a"
     a_home.mkdir()
-    (a_home / "rbee-node.toml").write_text("probe_above = 0\nprobes = 2\n")
+    (a_home / "rbee-node.toml").write_text("probe_above = 0\nprobes = 2\nping_interval = 1.0\n")
     a = nodes("a", "--no-default-model", "--peer", b.addr, "--peer", c.addr)
     a.wait_ready()
     a.wait_for(knows("smollm2", b.peer_id), 30, "B at A")
@@ -197,3 +197,6 @@ def test_large_swarm_mode_probes_sampled_candidates_for_their_load(nodes):
     assert probes["sent"] >= 3 and probes["answered"] >= 3, probes
     served = sum(n.status()["models"][0]["requests_served"] for n in (b, c))
     assert served == 3
+    # libp2p pings measured each peer's round trip (a real host answers /ipfs/ping/1.0.0)
+    status = a.wait_for(lambda s: all(p["latency_ms"] for p in s["peers"]), 10, "latency")
+    assert all(0 < p["latency_ms"] < 1000 for p in status["peers"]) and status["pings"]["answered"]

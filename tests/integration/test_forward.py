@@ -69,10 +69,10 @@ def mesh(nursery):
     audits = {"A": Audit(), "B": Audit()}
 
     async def start(c, engine=None, serve=True, scheduler=None, stamp=Stamp(), where="EU",
-                    admit_by_ms=None):
+                    admit_by_ms=None, prices=None):
         engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
         scheduler = scheduler or Scheduler([engine])
-        server = executor(scheduler=scheduler, where=where, audit=audits["B"])
+        server = executor(scheduler=scheduler, where=where, audit=audits["B"], prices=prices)
 
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
@@ -343,3 +343,16 @@ async def test_a_request_past_its_deadline_is_refused_and_tried_elsewhere(autoju
             await RemoteJob.start(B.peer_id, open_stream, call(), key=A,
                                   verifier=Verifier(), timing=late)
     assert server.served == 0
+
+
+async def test_the_receipt_charges_the_executors_price_for_the_tokens_it_ran(mesh):
+    # 1,000,000 micro-credits per million prompt tokens, 2,000,000 per million completion
+    # tokens: one and two micro-credits a token
+    job, _, _ = await mesh(call(max_tokens=3), prices={"fake": (1_000_000, 2_000_000, 0)})
+    await collect(job)
+    receipt = job.receipt
+    assert receipt.tokens_out == 3 and receipt.tokens_in > 0
+    assert receipt.price == receipt.tokens_in + 2 * receipt.tokens_out
+    unpriced, _, _ = await mesh(call(max_tokens=3), prices={"other": (5, 5, 5)})
+    await collect(unpriced)
+    assert unpriced.receipt.price == 0

@@ -65,7 +65,7 @@ def sizes(mesh: Mesh) -> dict[str, int]:
             "facts": len(view._facts), "ids": len(view._ids), "keys": len(view._keys),
             "dial_locks": len(client._dial_locks), "warm": len(client._warm),
             "stale": len(client._stale),
-            "latency": len(getattr(mesh, "latency", SimpleNamespace(rtt={})).rtt)}
+            "latency": len(mesh.latency.rtt)}
 
 
 async def test_churning_100k_peers_keeps_every_per_peer_structure_bounded(autojump_clock,
@@ -99,6 +99,7 @@ async def churn(mesh: Mesh) -> tuple[dict[str, int], int]:
         peer = peer_id(n)
         mesh.view._suspect(peer)
         mesh.view._job_done(job(peer))
+        mesh.latency.record(peer, 12.5)  # as a ping would
         mesh.view._suspect(peer_id(PEERS + n))  # a peer that was never in the table
         mesh.view._refused(peer_id(2 * PEERS + n))
 

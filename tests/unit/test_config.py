@@ -141,3 +141,20 @@ def test_audit_retention_from_file_and_env(tmp_path):
     env["RBEE_AUDIT_RETENTION_DAYS"] = "0"
     with pytest.raises(ConfigError, match="audit_retention_days"):
         load_config(env=env)
+
+
+def test_prices_per_model_from_the_file(tmp_path):
+    (tmp_path / "rbee-node.toml").write_text(
+        "[prices.smollm2]\ninput_per_mtok = 100\noutput_per_mtok = 200\n"
+        "[prices.sd-turbo]\nper_image = 5000\n")
+    config = load_config(env={"RBEE_HOME": str(tmp_path)})
+    assert dict(config.prices) == {"smollm2": (100, 200, 0), "sd-turbo": (0, 0, 5000)}
+
+
+@pytest.mark.parametrize("text", ["[prices.m]\ncheap = 1\n", "[prices.m]\nper_image = -1\n",
+                                  "[prices.m]\nper_image = 1.5\n", "prices = 3\n"])
+def test_bad_prices(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="prices"):
+        load_config(path, env={"RBEE_HOME": str(tmp_path)})

@@ -135,3 +135,45 @@ def test_modality_must_match():
     img = PeerFacts(id="img", models=(ModelFacts("m", modality="image"),))
     assert isinstance(decide(fastest, REQ, snap(img)), Rejected)
     assert ranked(fastest, img, request=RequestFacts(model="m", modality="image")) == ["img"]
+
+
+def test_lowest_latency_prefers_a_near_idle_peer_over_a_far_busy_one():
+    # "near" is 40 ms away and idle; "busy" is 1 ms away with 3 jobs of 100 tokens ahead
+    # at 100 tok/s (3 s of waiting): the wait counts, not only the round trip
+    near, busy = place("near", latency=40), place("busy", latency=1, queue=2, active=1)
+    assert ranked(lowest_latency, busy, near) == ["near", "busy"]
+    # with nothing queued anywhere the round trip alone decides
+    assert ranked(lowest_latency, place("busy", latency=1), near) == ["busy", "near"]
+
+
+def priced(pid, tin, tout, image=0, modality="text", tps=100.0):
+    return PeerFacts(id=pid, models=(ModelFacts("m", modality, tps,
+                                                price=(tin, tout, image)),))
+
+
+def test_cheapest_ranks_by_the_requests_expected_cost_with_per_model_prices():
+    # a long prompt, a short answer: the input price matters more than the output price
+    long_prompt = RequestFacts(model="m", max_tokens=10, prompt_tokens=4000)
+    dear_in, dear_out = priced("dear_in", 500, 10), priced("dear_out", 10, 500)
+    assert ranked(cheapest, dear_in, dear_out, request=long_prompt) == ["dear_out", "dear_in"]
+    # a short prompt, a long answer: the other way round
+    long_answer = RequestFacts(model="m", max_tokens=4000, prompt_tokens=10)
+    assert ranked(cheapest, dear_in, dear_out, request=long_answer) == ["dear_in", "dear_out"]
+    assert dear_in.cost(long_prompt) == pytest.approx((4000 * 500 + 10 * 10) / 1e6)
+    # a model price overrides the place's advert-wide price
+    plain = place("plain", price=1)  # 1 per Mtok output, no per-model price
+    assert ranked(cheapest, dear_out, plain, request=long_answer) == ["plain", "dear_out"]
+
+
+def test_cheapest_images_cost_n_times_the_image_price():
+    request = RequestFacts(model="m", modality="image", max_tokens=3, kind="image")
+    a, b = priced("a", 0, 0, 900, "image"), priced("b", 1000, 1000, 700, "image")
+    assert a.cost(request) == 2700 and b.cost(request) == 2100
+    assert ranked(cheapest, a, b, request=request) == ["b", "a"]
+
+
+def test_charge_rounds_down_once_over_the_sum():
+    from rbee_p2p.routing import charge
+
+    assert charge(100, 200, 0, tokens_in=5000, tokens_out=2500) == 1  # 0.5 + 0.5
+    assert charge(0, 0, 5000, images=2) == 10_000

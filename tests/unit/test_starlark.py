@@ -98,7 +98,8 @@ def random_places(rng, n):
 @pytest.mark.parametrize("builtin, source", [
     ("least_loaded", "def route(request, peers, local):\n    return least_loaded(peers)\n"),
     ("fastest", "def route(request, peers, local):\n    return fastest(peers, request)\n"),
-    ("lowest_latency", "def route(request, peers, local):\n    return lowest_latency(peers)\n"),
+    ("lowest_latency",
+     "def route(request, peers, local):\n    return lowest_latency(peers, request)\n"),
     ("cheapest", "def route(request, peers, local):\n    return cheapest(peers, request)\n"),
 ])
 @pytest.mark.parametrize("seed", range(8))
