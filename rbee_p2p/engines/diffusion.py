@@ -381,7 +381,7 @@ def _on_fresh_thread(fn: Callable[[], Any]) -> Any:
 def _load_pipeline(path: Path, dtype: Any) -> Any:
     """On the model thread: a folder with ``from_pretrained`` (local files only), a single
     file with ``from_single_file``."""
-    from .admission import weight_variant
+    from .footprint import weight_variant
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     _quiet_transformers()

@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from rbee_p2p.config import ModelSpec, NodeConfig
-from rbee_p2p.engines import admission, diffusion
-from rbee_p2p.engines.admission import MiB, load_models
+from rbee_p2p.engines import diffusion, footprint
+from rbee_p2p.engines.admission import load_models
+from rbee_p2p.engines.footprint import MiB
 from rbee_p2p.engines.diffusion import ScriptedImageEngine
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.hardware import CpuInfo, merge
@@ -368,10 +369,10 @@ async def test_the_tiny_pipeline_refused_by_a_small_budget(tmp_path, tiny_sd, ca
 
 
 def test_the_footprint_estimate_of_the_tiny_pipeline(tiny_sd):
-    weights = admission._image_weights(tiny_sd, 4)
-    files = sum(p.stat().st_size for p in admission._weight_files(tiny_sd))
+    weights = footprint._image_weights(tiny_sd, 4)
+    files = sum(p.stat().st_size for p in footprint._weight_files(tiny_sd))
     assert 0.9 * files < weights <= files  # float32 on the CPU: about the file sizes
-    assert admission.estimate_footprint(tiny_sd, "image") == int(weights * 1.25) + 512 * MiB
+    assert footprint.estimate_footprint(tiny_sd, "image") == int(weights * 1.25) + 512 * MiB
     assert json.loads((tiny_sd / "model_index.json").read_text())["_class_name"] == \
         "StableDiffusionPipeline"
 

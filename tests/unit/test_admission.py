@@ -7,16 +7,9 @@ from pathlib import Path
 import pytest
 
 from rbee_p2p.config import ModelSpec, default_model_path, load_config, parse_model_arg
-from rbee_p2p.engines.admission import (
-    MiB,
-    budgets,
-    estimate_footprint,
-    folder_digest,
-    gguf_metadata,
-    model_kind,
-    plan,
-    weight_variant,
-)
+from rbee_p2p.engines.admission import budgets, plan
+from rbee_p2p.engines.footprint import (MiB, estimate_footprint, folder_digest, gguf_metadata,
+                                        model_kind, weight_variant)
 from rbee_p2p.engines.hardware import CpuInfo, RawDevice, merge
 from rbee_p2p.errors import ConfigError
 
