@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -19,7 +19,8 @@ from ..errors import EngineFailure, InvalidRequest
 from .base import Completion, Embeddings, ModelCard, Prepared, TextEngine, TextRequest
 from .modelthread import ModelThread
 
-__all__ = ["LlamaSettings", "LlamaEngine", "BATCH_TOKENS", "BATCH_SECONDS", "available_cores"]
+__all__ = ["LlamaSettings", "LlamaEngine", "BATCH_TOKENS", "BATCH_SECONDS", "PREFILL_CHUNK",
+           "available_cores", "plan_reuse"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,14 @@ BATCH_TOKENS = 6
 """Pieces handed to the event loop per wake-up (the first piece goes alone, at once)."""
 BATCH_SECONDS = 0.05
 """...or fewer, if this long has passed since the last hand-over."""
+PREFILL_CHUNK = 64
+"""Prompts are evaluated in batches of this many tokens, at multiples of it from position 0.
+
+llama.cpp's floating-point results depend on how a prompt is batched: the same tokens
+evaluated as one batch or as a reused prefix plus a short tail give slightly different
+logits, and at temperature 0 a different answer.  A repeatable request (temperature 0, or a
+seed) therefore reuses only whole chunks of the cached prompt that were themselves evaluated
+this way, so its prompt is batched exactly as on a fresh node."""
 
 
 def available_cores() -> int:
@@ -61,6 +70,25 @@ def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
+def plan_reuse(cached: Sequence[int], prompt: Sequence[int], aligned: int,
+               repeatable: bool) -> tuple[int, int]:
+    """How many leading cached tokens a request for ``prompt`` keeps, and the new count of
+    leading positions equal to a fresh chunked prefill's (``aligned``; see PREFILL_CHUNK).
+
+    At least one prompt token is always evaluated (fresh logits to sample from)."""
+    common = 0
+    for a, b in zip(cached, prompt):
+        if a != b:
+            break
+        common += 1
+    keep = min(common, len(prompt) - 1)
+    if repeatable:
+        keep = min(keep - keep % PREFILL_CHUNK, aligned)
+    if keep % PREFILL_CHUNK == 0 and keep <= aligned:  # the rest is evaluated chunk-aligned
+        return keep, len(prompt) - len(prompt) % PREFILL_CHUNK
+    return keep, min(aligned, keep - keep % PREFILL_CHUNK)
+
+
 class LlamaEngine(TextEngine):
     """One GGUF model on its own :class:`ModelThread`.  Build with :meth:`load`."""
 
@@ -72,6 +100,7 @@ class LlamaEngine(TextEngine):
         self._settings = settings
         self._embedder: Any = None
         self._template: Any = self._chat_formatter(llm)
+        self._aligned = 0  # leading cached positions that a fresh, chunked prefill would equal
 
     @classmethod
     async def load(cls, name: str, path: Path, digest: bytes, settings: LlamaSettings,
@@ -83,7 +112,8 @@ class LlamaEngine(TextEngine):
             from llama_cpp import Llama
 
             return Llama(str(path), n_ctx=settings.context, n_threads=settings.n_threads,
-                         n_threads_batch=settings.n_threads, n_gpu_layers=settings.gpu_layers,
+                         n_threads_batch=settings.n_threads, n_batch=PREFILL_CHUNK,
+                         n_gpu_layers=settings.gpu_layers,
                          main_gpu=settings.main_gpu, verbose=False,
                          **({} if settings.split_mode is None else
                             {"split_mode": settings.split_mode}))
@@ -160,6 +190,10 @@ class LlamaEngine(TextEngine):
         from llama_cpp import llama_vocab_is_eog
 
         vocab = llm._model.vocab
+        repeatable = req.temperature == 0 or req.seed is not None
+        keep, self._aligned = plan_reuse(llm.input_ids[: llm.n_tokens], prepared.prompt_tokens,
+                                         self._aligned, repeatable)
+        llm.n_tokens = min(llm.n_tokens, keep)  # generate() evaluates the prompt from here
         tokens = llm.generate(
             prepared.prompt_tokens, temp=req.temperature, top_p=req.top_p, top_k=40,
             min_p=0.05, repeat_penalty=1.0, presence_penalty=req.presence_penalty,
@@ -204,6 +238,7 @@ class LlamaEngine(TextEngine):
             completion.finish_reason = finish
             deliver(None)
         except Exception as exc:  # the node keeps serving; this request fails
+            self._aligned = 0  # the cache is in an unknown state
             log.exception("generation failed on %s", self.card.name)
             deliver(exc)
         finally:
