@@ -37,6 +37,15 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.95}
 LLAMA_EXTRA = {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
+SEEDED = True  # --no-seed: unseeded sampling (prefix reuse as in-process: see seed())
+
+
+def seed(i: int) -> dict:
+    """A seeded request is repeatable on rbee-node, which then reuses only whole 64-token
+    chunks of the cached prompt (README "Repeatable answers"); the anchors reuse any prefix."""
+    return {"seed": i} if SEEDED else {}
+
+
 def prompt(i: int) -> str:
     return f"Write story number {i} about a {['cat', 'bee', 'ship', 'tree', 'robot'][i % 5]}:"
 
@@ -45,7 +54,7 @@ def inprocess_run(llm, i: int, tokens: int) -> tuple[float, float, int]:
     start = time.perf_counter()
     first = last = None
     n = 0
-    for chunk in llm.create_completion(prompt(i), max_tokens=tokens, stream=True, seed=i,
+    for chunk in llm.create_completion(prompt(i), max_tokens=tokens, stream=True, **seed(i),
                                        top_k=40, min_p=0.05, repeat_penalty=1.0, **SAMPLING):
         if chunk["choices"][0]["text"]:
             last = time.perf_counter()
@@ -81,7 +90,7 @@ class Client:
 
 
 def http_run(client: Client, i: int, tokens: int, extra: dict) -> tuple[float, float, int]:
-    body = {"model": "smollm2", "prompt": prompt(i), "max_tokens": tokens, "seed": i,
+    body = {"model": "smollm2", "prompt": prompt(i), "max_tokens": tokens, **seed(i),
             "stream": True, **SAMPLING, **extra}
     start, response = client.post("/v1/completions", body)
     first, last, usage, pieces = read_sse(response)
@@ -97,7 +106,7 @@ def sequential_short(client: Client, extra: dict, n: int, offset: int) -> float:
     start = time.perf_counter()
     for i in range(n):
         client.post("/v1/completions", {"model": "smollm2", "prompt": prompt(offset + i),
-                                        "max_tokens": 16, "seed": i, **SAMPLING, **extra})[1].read()
+                                        "max_tokens": 16, **seed(i), **SAMPLING, **extra})[1].read()
     return n / (time.perf_counter() - start)
 
 
@@ -115,7 +124,11 @@ def main() -> None:
     ap.add_argument("-v", "--verbose", action="store_true", help="print every TTFT")
     ap.add_argument("--node-args", default="",
                     help="more `rbee-node start` flags, e.g. '--no-dht' or '--no-p2p'")
+    ap.add_argument("--no-seed", action="store_true",
+                    help="unseeded requests (not repeatable: every target reuses any prefix)")
     args = ap.parse_args()
+    global SEEDED
+    SEEDED = not args.no_seed
 
     from llama_cpp import Llama
 
@@ -176,7 +189,8 @@ def main() -> None:
                      f"{s['tok_s'] / other['tok_s']:.3f}x", f"{s['ttft_ms']:.1f}",
                      f"{s['ttft_ms'] - anchor['ttft_ms']:+.1f} ms", s["n"]])
     print(f"\nmodel {Path(model).name}, {threads} threads, {TOKENS}-token completions, "
-          f"back to back in blocks of {args.block} (1 warm-up), {args.rounds} rounds\n")
+          f"back to back in blocks of {args.block} (1 warm-up), {args.rounds} rounds, "
+          f"{'seeded' if SEEDED else 'unseeded'} requests\n")
     print(table(rows))
     rs, ls = median(short["rbee-node"]), median(short["llama_cpp.server"])
     print(f"\nsequential 16-token completions/s: rbee-node {rs:.2f}, llama_cpp.server {ls:.2f} "
