@@ -37,12 +37,10 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.95}
 LLAMA_EXTRA = {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-SEEDED = True  # --no-seed: unseeded sampling (prefix reuse as in-process: see seed())
+SEEDED = True  # --no-seed: unseeded sampling (then the targets' texts differ)
 
 
 def seed(i: int) -> dict:
-    """A seeded request is repeatable on rbee-node, which then reuses only whole 64-token
-    chunks of the cached prompt (README "Repeatable answers"); the anchors reuse any prefix."""
     return {"seed": i} if SEEDED else {}
 
 
@@ -125,7 +123,7 @@ def main() -> None:
     ap.add_argument("--node-args", default="",
                     help="more `rbee-node start` flags, e.g. '--no-dht' or '--no-p2p'")
     ap.add_argument("--no-seed", action="store_true",
-                    help="unseeded requests (not repeatable: every target reuses any prefix)")
+                    help="unseeded requests (each target generates other text)")
     args = ap.parse_args()
     global SEEDED
     SEEDED = not args.no_seed

@@ -33,9 +33,12 @@ PREFILL_CHUNK = 64
 
 llama.cpp's floating-point results depend on how a prompt is batched: the same tokens
 evaluated as one batch or as a reused prefix plus a short tail give slightly different
-logits, and at temperature 0 a different answer.  A repeatable request (temperature 0, or a
-seed) therefore reuses only whole chunks of the cached prompt that were themselves evaluated
-this way, so its prompt is batched exactly as on a fresh node."""
+logits, and at temperature 0 a different answer.  A temperature-0 request therefore reuses
+only whole chunks of the cached prompt that were themselves evaluated this way, so its
+prompt is batched exactly as on a fresh node.  Sampled requests (a seed too) reuse any
+cached prefix: re-evaluating a shared prefix costs about 2 ms a token on 2 CPU cores, and
+a seeded answer changes only when the perturbation moves a sampled token across the
+random draw (README "Repeatable answers")."""
 
 
 def available_cores() -> int:
@@ -190,9 +193,8 @@ class LlamaEngine(TextEngine):
         from llama_cpp import llama_vocab_is_eog
 
         vocab = llm._model.vocab
-        repeatable = req.temperature == 0 or req.seed is not None
         keep, self._aligned = plan_reuse(llm.input_ids[: llm.n_tokens], prepared.prompt_tokens,
-                                         self._aligned, repeatable)
+                                         self._aligned, repeatable=req.temperature == 0)
         llm.n_tokens = min(llm.n_tokens, keep)  # generate() evaluates the prompt from here
         tokens = llm.generate(
             prepared.prompt_tokens, temp=req.temperature, top_p=req.top_p, top_k=40,

@@ -1,5 +1,5 @@
 """Which part of the cached prompt a text request reuses (engines/llama.py plan_reuse): a
-repeatable request (temperature 0 or a seed) must be prefilled exactly as on a fresh node."""
+repeatable (temperature-0) request must be prefilled exactly as on a fresh node."""
 
 from rbee_p2p.engines.llama import PREFILL_CHUNK as C
 from rbee_p2p.engines.llama import plan_reuse
