@@ -44,6 +44,7 @@ __all__ = [
     "Forbidden",
     "QuotaExceeded",
     "PeerUnavailable",
+    "PeerRefused",
     "ErrorSpec",
     "ERRORS",
     "spec",
@@ -123,6 +124,11 @@ class PeerUnavailable(EngineFailure):
     advert was stale, its own rules refused it); the next candidate may be tried."""
 
 
+class PeerRefused(PeerUnavailable):
+    """A peer answered but would not take the job (not its model or digest, its rules, too
+    late): try the next candidate, without counting it as the peer's failure."""
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     """How one error class looks at the edges."""
@@ -144,6 +150,7 @@ ERRORS: dict[type[RequestError], ErrorSpec] = {
     ModelUnavailable: ErrorSpec(503, "server_error", "model_unavailable", "model_not_found"),
     EngineFailure: ErrorSpec(500, "server_error", "engine_failure", "internal"),
     PeerUnavailable: ErrorSpec(502, "server_error", "peer_unavailable", "internal"),
+    PeerRefused: ErrorSpec(502, "server_error", "peer_unavailable", "internal"),
 }
 
 
@@ -163,10 +170,10 @@ _FROM_WIRE: dict[str, type[RequestError]] = {
     "bad_request": InvalidRequest,
     "busy": Busy,
     "internal": EngineFailure,
-    "model_not_found": PeerUnavailable,
-    "forbidden": PeerUnavailable,
-    "unauthorized": PeerUnavailable,
-    "deadline": PeerUnavailable,
+    "model_not_found": PeerRefused,
+    "forbidden": PeerRefused,
+    "unauthorized": PeerRefused,
+    "deadline": PeerRefused,
     "cancelled": PeerUnavailable,
     "protocol": PeerUnavailable,
 }

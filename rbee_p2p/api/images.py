@@ -237,8 +237,9 @@ class ImageService:
         raise ModelNotFound("no image model is served by this node or its peers; name one "
                             "with 'model'", param="model")
 
-    async def generate(self, call: ImageCall, base_url: str, admitted: Any) -> dict[str, Any]:
-        request = Request("image", call.model or self.default_model(), image=call.request)
+    async def generate(self, call: ImageCall, model: str, base_url: str,
+                       admitted: Any) -> dict[str, Any]:
+        request = Request("image", model, image=call.request)
         job, _ = await self.serving.run(Call(request), admitted)
         pngs = job.items
         if call.response_format == "url":
@@ -267,8 +268,9 @@ class ImageService:
             who = tenant()
             body = await get_body()
             call = parse_images(body, self.limits)
-            async with admission(who, call.model or "") as admitted:
-                result = await self.generate(call, request.host_url, admitted)
+            model = call.model or self.default_model()  # the tenant's allow-list sees it
+            async with admission(who, model) as admitted:
+                result = await self.generate(call, model, request.host_url, admitted)
             return Response(json.dumps(result), mimetype="application/json")
 
         @app.get("/v1/images/files/<name>")

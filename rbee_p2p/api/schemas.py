@@ -125,6 +125,9 @@ def _common(body: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], bool,
                              param="stop")
     if len(stops) > limits.max_stop:
         raise InvalidRequest(f"at most {limits.max_stop} stop sequences", param="stop")
+    if any(len(s.encode()) > limits.max_stop_bytes for s in stops):
+        raise InvalidRequest(f"a stop sequence is longer than {limits.max_stop_bytes} bytes",
+                             param="stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -193,6 +196,8 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> Call:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+    if len(raw) > limits.max_messages:
+        raise InvalidRequest(f"at most {limits.max_messages} messages", param="messages")
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):

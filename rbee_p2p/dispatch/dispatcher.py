@@ -22,7 +22,7 @@ import trio
 from ..engines.base import Completion, TextEngine
 from ..engines.scheduler import Scheduler
 from ..errors import (Busy, Forbidden, InvalidRequest, ModelNotFound, ModelUnavailable,
-                      PeerUnavailable, RequestError)
+                      PeerRefused, PeerUnavailable, RequestError)
 from ..routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestFacts, Snapshot,
                        TenantFacts, decide, expected_ms, fastest)
 from ..routing.probing import refuses
@@ -189,12 +189,14 @@ class Dispatcher:
         candidates = iter(ranked.candidates)
         job = await self._start_next(candidates, engine, request, stamp)
         return job if isinstance(job, LocalJob) else Failover(
-            job, lambda: self._start_next(candidates, engine, request, stamp))
+            job, lambda failure: self._start_next(candidates, engine, request, stamp, failure))
 
     async def _start_next(self, candidates: Iterator[str], engine: TextEngine | None,
-                          request: Request, stamp: Stamp) -> Job:
-        """Start ``request`` on the first of ``candidates`` that takes it (consuming them)."""
-        failure: RequestError | None = None
+                          request: Request, stamp: Stamp,
+                          failure: RequestError | None = None) -> Job:
+        """Start ``request`` on the first of ``candidates`` that takes it (consuming them);
+        when none does, raise the last candidate's refusal or failure (``failure``: that of
+        the one before them)."""
         for pid in candidates:
             if pid == self.local_id:
                 assert engine is not None
@@ -202,6 +204,9 @@ class Dispatcher:
             assert self.remote is not None
             try:
                 return await self.remote.start(pid, request, stamp)
+            except PeerRefused as exc:  # it answered: no mark against it
+                log.info("peer refused, trying the next one: %s", exc)
+                failure = exc
             except PeerUnavailable as exc:
                 log.warning("peer unavailable, trying the next one: %s", exc)
                 self.remote.report_failure(pid)
@@ -255,7 +260,8 @@ class Failover:
     at once (so the answer can start) but may die before producing anything; then the
     next candidate takes over and the client never notices."""
 
-    def __init__(self, job: Job, start_next: Callable[[], Awaitable[Job]]) -> None:
+    def __init__(self, job: Job,
+                 start_next: Callable[[RequestError], Awaitable[Job]]) -> None:
         self.job = job
         self.start_next = start_next
 
@@ -277,11 +283,17 @@ class Failover:
 
     async def batches(self) -> AsyncIterator[list[str]]:
         while True:
+            started = False
             try:
                 async with aclosing(self.job.batches()) as batches:
                     async for batch in batches:
+                        started = True
                         yield batch
                 return
-            except PeerUnavailable as exc:  # raised only before the first output
+            except (PeerUnavailable, Busy) as exc:
+                # before the first output (a peer lost, or whose queue filled after it
+                # accepted) the next candidate takes over; after it, the client is told
+                if started:
+                    raise
                 log.warning("%s; trying the next candidate", exc)
-                self.job = await self.start_next()
+                self.job = await self.start_next(exc)

@@ -28,6 +28,8 @@ class Limits:
     max_tokens: int = 4096
     default_max_tokens: int = 512
     max_stop: int = 4
+    max_stop_bytes: int = 256  # each stop string, UTF-8 (the wire's limit)
+    max_messages: int = 1024  # the wire's limit
     max_inputs: int = 256
     max_images: int = 4
     max_prompt_chars: int = 32000  # image prompts
@@ -43,6 +45,11 @@ class Limits:
                                  f"{self.max_tokens}", param="max_tokens")
         if t is not None and len(t.stop) > self.max_stop:
             raise InvalidRequest(f"at most {self.max_stop} stop sequences", param="stop")
+        if t is not None and any(len(s.encode()) > self.max_stop_bytes for s in t.stop):
+            raise InvalidRequest(f"a stop sequence is longer than {self.max_stop_bytes} bytes",
+                                 param="stop")
+        if t is not None and t.messages is not None and len(t.messages) > self.max_messages:
+            raise InvalidRequest(f"at most {self.max_messages} messages", param="messages")
         if len(request.inputs) > self.max_inputs:
             raise InvalidRequest(f"at most {self.max_inputs} inputs per request", param="input")
         if image is not None and image.n > self.max_images:

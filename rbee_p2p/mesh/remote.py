@@ -17,7 +17,7 @@ import trio
 
 from ..dispatch.request import Request, Stamp
 from ..engines.base import Completion
-from ..errors import EngineFailure, PeerUnavailable, from_wire
+from ..errors import EngineFailure, InvalidRequest, PeerRefused, PeerUnavailable, from_wire
 from ..protocol.envelope import Verifier, seal
 from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
@@ -87,6 +87,14 @@ class RemoteJob:
         """
         name = peer_id_to_str(peer)
         for fresh in (False, True):  # a pre-opened stream may have died: then one new try
+            try:  # checked before a stream is opened: what the wire cannot carry is refused
+                request = to_wire(what, request_id=os.urandom(16), target=peer,
+                                  deadline_ms=now_ms() + int(timing.deadline_s * 1000),
+                                  stamp=stamp, admit_by_ms=admit_by_ms)
+                raw = seal(key, request, now_ms=now_ms())
+            except ProtocolError as exc:
+                raise InvalidRequest(f"this request is too large to send to a peer: {exc}") \
+                    from None
             try:
                 with trio.fail_after(connect_timeout_s):
                     stream = await open_stream(peer, fresh)
@@ -94,10 +102,6 @@ class RemoteJob:
                 raise PeerUnavailable(f"cannot open a stream to {name[:16]}…: "
                                       f"{type(exc).__name__}: {exc}") from None
             frames = FrameStream(stream, max_frame)
-            request = to_wire(what, request_id=os.urandom(16), target=peer,
-                              deadline_ms=now_ms() + int(timing.deadline_s * 1000),
-                              stamp=stamp, admit_by_ms=admit_by_ms)
-            raw = seal(key, request, now_ms=now_ms())
             session = InferenceSession(request.request_id, key.peer_id, peer)
             session.observe(key.peer_id, request)
             job = cls(peer, frames, session, raw, verifier, timing, audit, key, request,
@@ -204,6 +208,8 @@ class RemoteJob:
             if self.on_done is not None:
                 self.on_done(self)
         except (StreamGone, PeerUnavailable) as exc:
+            if isinstance(exc, PeerRefused) and not produced:
+                raise  # it answered, and would not take the job: no mark against it
             name = peer_id_to_str(self.where)[:16]
             if self.on_failure is not None:
                 self.on_failure(self.where)  # the peer is suspect from now on

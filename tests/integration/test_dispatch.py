@@ -4,7 +4,7 @@ import pytest
 
 from rbee_p2p.api.schemas import Limits, parse_chat
 from rbee_p2p.dispatch import Dispatcher, LocalJob
-from rbee_p2p.errors import PeerUnavailable
+from rbee_p2p.errors import PeerRefused, PeerUnavailable
 from rbee_p2p.engines.base import Completion
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
@@ -13,9 +13,10 @@ from rbee_p2p.routing import ModelFacts, PeerFacts
 
 
 class FakeJob:
-    def __init__(self, peer, dies=False):
+    def __init__(self, peer, dies=False, fills=False):
         self.where = peer
         self.dies = dies  # accepted, then gone before the first token
+        self.fills = fills  # accepted, then its queue was full after all
         self.request_id = bytes(16)
         self.items = []
         self.completion = Completion(completion_tokens=1, finish_reason="stop")
@@ -23,13 +24,15 @@ class FakeJob:
     async def batches(self):
         if self.dies:
             raise PeerUnavailable(f"{self.where} failed before the first token")
+        if self.fills:
+            raise Busy(f"{self.where} is full")
         yield [f"remote {self.where}"]
 
 
 class FakeRemote:
-    def __init__(self, peers, fail=(), busy=(), bad=(), dies=()):
+    def __init__(self, peers, fail=(), busy=(), bad=(), dies=(), refuse=(), fills=()):
         self.peers_, self.fail, self.busy, self.bad = peers, set(fail), set(busy), set(bad)
-        self.dies = set(dies)
+        self.dies, self.refuse, self.fills = set(dies), set(refuse), set(fills)
         self.tried, self.failed = [], []
 
     async def candidates(self, model, modality):
@@ -44,13 +47,15 @@ class FakeRemote:
 
     async def start(self, peer_id, request, stamp):
         self.tried.append(peer_id)
+        if peer_id in self.refuse:
+            raise PeerRefused("not here")
         if peer_id in self.fail:
             raise PeerUnavailable("gone")
         if peer_id in self.busy:
             raise Busy("full")
         if peer_id in self.bad:
             raise InvalidRequest("context too long")
-        return FakeJob(peer_id, peer_id in self.dies)
+        return FakeJob(peer_id, peer_id in self.dies, peer_id in self.fills)
 
     def report_failure(self, peer_id):
         self.failed.append(peer_id)
@@ -86,6 +91,37 @@ async def test_a_peer_dying_after_accepting_hands_over_before_the_first_token():
     assert job.where == "a"  # accepted
     assert [b async for b in job.batches()] == [["remote c"]]
     assert job.where == "c" and remote.tried == ["a", "b", "c"]
+
+
+async def test_a_peer_whose_queue_filled_after_accepting_hands_over_too():
+    remote = FakeRemote({"a": 500.0, "b": 400.0}, fills=["a"])
+    job = await dispatcher(remote, busy_local=True).start(call())
+    assert [b async for b in job.batches()] == [["remote b"]]
+    assert remote.tried == ["a", "b"] and remote.failed == []  # full is not a failure
+
+
+async def test_a_peer_lost_with_no_candidate_left_is_that_failure_not_busy():
+    remote = FakeRemote({"a": 500.0}, dies=["a"])
+    job = await dispatcher(remote, local=False).start(call())
+    with pytest.raises(PeerUnavailable, match="failed before the first token"):
+        [b async for b in job.batches()]
+
+
+async def test_a_refusing_peer_is_skipped_without_a_mark_against_it():
+    remote = FakeRemote({"a": 500.0, "b": 400.0}, refuse=["a"])
+    job = await dispatcher(remote, local=False).start(call())
+    assert job.where == "b" and remote.tried == ["a", "b"] and remote.failed == []
+    with pytest.raises(PeerRefused):  # refused everywhere: that refusal (a 502)
+        await dispatcher(FakeRemote({"a": 1.0}, refuse=["a"]), local=False).start(call())
+
+
+def test_what_the_wire_cannot_carry_is_refused_while_parsing():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * 1025}
+    with pytest.raises(InvalidRequest, match="at most 1024 messages"):
+        parse_chat(body, Limits())
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "é" * 129}
+    with pytest.raises(InvalidRequest, match="longer than 256 bytes"):
+        parse_chat(body, Limits())
 
 
 async def test_all_peers_failing_falls_back_to_local():

@@ -9,11 +9,11 @@ import trio.testing
 
 from rbee_p2p.api.schemas import Limits, parse_chat
 from rbee_p2p.dispatch import Dispatcher, Request, Stamp
-from rbee_p2p.engines.base import ImageRequest
+from rbee_p2p.engines.base import ImageRequest, TextRequest
 from rbee_p2p.engines.diffusion import ImageResult, ScriptedImageEngine
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
-from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest, PeerUnavailable
+from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest, PeerRefused, PeerUnavailable
 from rbee_p2p.mesh.executor import Executor, Timing
 from rbee_p2p.mesh.remote import RemoteJob
 from rbee_p2p.protocol.envelope import Verifier
@@ -165,7 +165,7 @@ async def test_stop_string_tokens_still_add_up(mesh, autojump_clock):
 
 
 @pytest.mark.parametrize("make, error", [
-    (lambda: call(model="other"), PeerUnavailable),  # not served there: try another peer
+    (lambda: call(model="other"), PeerRefused),  # not served there: try another peer
     (lambda: call(max_tokens=600), InvalidRequest),  # the peer's verdict: our request is bad
 ])
 async def test_refusals(mesh, autojump_clock, make, error):
@@ -173,6 +173,14 @@ async def test_refusals(mesh, autojump_clock, make, error):
         await mesh(make())
     await trio.sleep(0.1)
     assert mesh.audits["A"].records == []
+
+
+async def test_what_the_wire_cannot_carry_is_a_bad_request_before_a_stream_opens(
+        mesh, autojump_clock):
+    big = Request("completion", "fake", text=TextRequest(max_tokens=4, prompt="x" * (1 << 20)))
+    with pytest.raises(InvalidRequest, match="too large to send to a peer"):
+        await mesh(big)
+    assert mesh.served == []  # no stream was opened
 
 
 async def test_busy_peer(mesh, autojump_clock, nursery):

@@ -197,7 +197,7 @@ async def test_a_cancelled_request_stops_the_job_and_frees_the_model(tmp_path, a
 
     call = parse_images(IMG, node.images.limits)
     with trio.move_on_after(5):
-        await node.images.generate(call, "http://x/", node.gate.admit(None, "img"))
+        await node.images.generate(call, "img", "http://x/", node.gate.admit(None, "img"))
     assert engine.cancelled == 1 and engine.steps_run <= 5
     assert node.scheduler.load("img").active == 0
     assert node.capacity.limiter("cpu", "image").borrowed_tokens == 0
@@ -415,3 +415,20 @@ async def test_cancelling_a_real_generation_interrupts_the_pipeline(tmp_path, ti
         unet.forward = forward
         for e in engines:
             await capacity.unload(e)
+
+
+async def test_a_tenant_allowed_only_the_image_model_may_leave_model_out(tmp_path,
+                                                                          autojump_clock):
+    from rbee_p2p.tenancy.tenants import TenantBook
+
+    book = TenantBook.open(tmp_path)
+    key = book.add("acme", models=("img",))
+    book.save()
+    node, client = make(tmp_path)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {k: v for k, v in IMG.items() if k != "model"}
+    r = await client.post("/v1/images/generations", json=body, headers=headers)
+    assert r.status_code == 200  # the default model ("img") is what the allow-list checks
+    node.images.default_model = lambda: "text"  # a default the tenant may not use
+    r = await client.post("/v1/images/generations", json=body, headers=headers)
+    assert r.status_code == 403
