@@ -1,7 +1,7 @@
 """``POST /v1/images/generations`` (OpenAI's shape) and the node's short-lived image URLs.
 
 Request: ``prompt`` (required, non-empty), ``model`` (default: the node's first image
-model), ``n`` (1..``max_images``), ``size`` ("WxH" from OpenAI's sizes or the model's
+model, else the first one a peer serves), ``n`` (1..``max_images``), ``size`` ("WxH" from OpenAI's sizes or the model's
 native size, or "auto" = native), ``response_format`` (``b64_json``, the default, or
 ``url``), ``quality`` (low = half the model's default steps; auto/standard/medium = the
 default; high/hd = 1.5x), ``output_format`` (png only), ``user`` (accepted, unused).

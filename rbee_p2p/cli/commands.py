@@ -191,7 +191,7 @@ def _cmd_policy_test(args: argparse.Namespace) -> int:
                 return await runtime.decide(request, snapshot)
 
     report: dict[str, Any] = {"policy": runtime.name}
-    logger = logging.getLogger("rbee_p2p.policy_runtime")
+    logger = logging.getLogger("rbee_p2p.policy_runtime.runtime")
     quiet, logger.disabled = logger.disabled, True  # the report says it all
     try:
         outcome = trio.run(dry_run)

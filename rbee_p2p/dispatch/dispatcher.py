@@ -158,7 +158,7 @@ class Dispatcher:
 
     async def plan(self, request: Request, stamp: Stamp) -> tuple[TextEngine | None, Ranked]:
         """Where ``request`` may run, best first.  Raises ModelNotFound, ModelUnavailable,
-        Forbidden or Busy."""
+        InvalidRequest (a model of the other modality), Forbidden or Busy."""
         engine = self.engine_for(request)
         facts = request_facts(request, stamp.tenant)
         if engine is not None and engine.card.name != facts.model:  # an alias
@@ -183,7 +183,8 @@ class Dispatcher:
 
         Raises :class:`InvalidRequest` (the request is wrong: no retry elsewhere),
         :class:`ModelNotFound`, :class:`Forbidden` (residency or policy), :class:`Busy`
-        (every candidate is full) or :class:`EngineFailure` (no candidate could be reached).
+        (every candidate is full) or :class:`PeerUnavailable` (no candidate could be reached
+        or would take it).
         """
         engine, ranked = await self.plan(request, stamp)
         candidates = iter(ranked.candidates)

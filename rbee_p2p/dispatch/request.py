@@ -3,8 +3,8 @@
 ``Request`` is typed and modality-neutral: the HTTP layer builds it from an OpenAI body,
 the mesh builds it from a peer's signed InferenceRequest; neither body format goes any
 further.  ``Job`` is a started request, local or on a peer, behind one interface.  This
-module depends on nothing but the engines' request types, so the mesh can use it without
-knowing the dispatcher.
+module depends only on the engines' request types, routing's tenant facts and the error
+table, so the mesh can use it without knowing the dispatcher.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import AsyncIterator, Literal, Protocol
 from ..engines.base import Completion, ImageRequest, TextRequest
 from ..routing import TenantFacts
 
-__all__ = ["Kind", "KINDS", "Request", "Stamp", "Job", "Limits"]
+__all__ = ["Kind", "Request", "Stamp", "Job", "Limits"]
 
 Kind = Literal["chat", "completion", "embedding", "image"]
-KINDS: tuple[Kind, ...] = ("chat", "completion", "embedding", "image")
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,10 @@ class Limits:
         if image is not None and image.n > self.max_images:
             raise InvalidRequest(f"this node generates at most {self.max_images} images per "
                                  "request", param="n")
-        if image is not None and len(image.prompt) > self.max_prompt_chars:
-            raise InvalidRequest(f"the prompt is longer than {self.max_prompt_chars} "
-                                 "characters", param="prompt")
+        for field in ("prompt", "negative_prompt"):
+            if image is not None and len(getattr(image, field) or "") > self.max_prompt_chars:
+                raise InvalidRequest(f"the {field} is longer than {self.max_prompt_chars} "
+                                     "characters", param=field)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import outcome
 import trio
@@ -146,12 +146,9 @@ class ImageEngine(ABC):
         native = f"{self.native_size[0]}x{self.native_size[1]}"
         return sorted({*OPENAI_SIZES, native}, key=lambda s: tuple(map(int, s.split("x"))))
 
-    def prepare(self, request: Any) -> ImageJob:
-        """Resolve size and steps.  Raises :class:`InvalidRequest` (a text request, or a
-        size this model does not know)."""
-        if not isinstance(request, ImageRequest):
-            raise InvalidRequest(f"model '{self.card.name}' generates images; use POST "
-                                 "/v1/images/generations", param="model")
+    def prepare(self, request: ImageRequest) -> ImageJob:
+        """Resolve size and steps.  Raises :class:`InvalidRequest` (a size this model does
+        not know).  Text requests never get here (Dispatcher.engine_for refuses them)."""
         if request.size in (None, "auto"):
             width, height = self.native_size
         else:
@@ -175,15 +172,6 @@ class ImageEngine(ABC):
 
     async def aclose(self) -> None:
         """Release the model.  Idempotent."""
-
-    # The text interface, so image engines can share the text Scheduler and Serving:
-    def stream(self, prepared: Any, completion: Any) -> AsyncIterator[list[str]]:
-        raise InvalidRequest(f"model '{self.card.name}' generates images; use POST "
-                             "/v1/images/generations", param="model")
-
-    async def embed(self, inputs: list[str]) -> Any:
-        raise InvalidRequest(f"model '{self.card.name}' generates images and does not serve "
-                             "embeddings", param="model")
 
 
 class ScriptedImageEngine(ImageEngine):

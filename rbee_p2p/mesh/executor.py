@@ -124,16 +124,17 @@ class Executor:
         """One inference stream from ``remote``.  Never raises (an escaping exception would
         break the libp2p connection's accept loop)."""
         frames = FrameStream(stream, self.max_frame)
-        try:
+        try:  # except*: a job's output is sent from a nursery, which raises groups
             await self._handle(frames, remote)
-        except (StreamGone, trio.TooSlowError) as exc:
-            log.info("inference stream from %s ended early: %s", peer_id_to_str(remote)[:16], exc)
-            await frames.reset()
-        except Exception:
+        except* (StreamGone, trio.TooSlowError) as group:
+            log.info("inference stream from %s ended early: %s", peer_id_to_str(remote)[:16],
+                     group.exceptions[0])
+        except* Exception:
             log.exception("inference stream from %s failed", peer_id_to_str(remote)[:16])
-            await frames.reset()
         else:
             await frames.close()
+            return
+        await frames.reset()
 
     async def _send(self, frames: FrameStream, message: Any, ttl_ms: int = 60_000) -> None:
         await frames.send(seal(self.key, message, now_ms=now_ms(), ttl_ms=ttl_ms))

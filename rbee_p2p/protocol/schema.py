@@ -15,13 +15,12 @@ enumerations, finite floats.  ``to_wire``/``from_wire`` are exact inverses for v
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Mapping, Union
+from typing import Annotated, Any, Callable, Union
 
 from .errors import InvalidSchema
 
@@ -31,8 +30,6 @@ __all__ = [
     "MaxItems",
     "Range",
     "OneOf",
-    "JsonLimits",
-    "Json",
     "to_wire",
     "from_wire",
     "U64",
@@ -72,16 +69,6 @@ class OneOf:
         object.__setattr__(self, "values", frozenset(values))
 
 
-@dataclass(frozen=True)
-class JsonLimits:
-    """Limits for a free-form JSON-like map (e.g. OpenAI request parameters)."""
-
-    max_depth: int = 8
-    max_items: int = 4096
-    max_str: int = 512 * 1024  # UTF-8 bytes
-
-
-Json = Mapping[str, Any]
 U64 = Annotated[int, Range(0, 2**64 - 1)]
 
 Checker = Callable[[Any, str], Any]
@@ -89,42 +76,6 @@ Checker = Callable[[Any, str], Any]
 
 def _fail(path: str, what: str) -> InvalidSchema:
     return InvalidSchema(f"{path}: {what}")
-
-
-def _json_checker(limits: JsonLimits) -> Checker:
-    def walk(value: Any, path: str, depth: int, budget: list[int]) -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _fail(path, f"more than {limits.max_items} items")
-        if depth > limits.max_depth:
-            raise _fail(path, f"nested deeper than {limits.max_depth}")
-        if value is None or isinstance(value, (bool, int, float)):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise _fail(path, "not a finite number")
-            return
-        if isinstance(value, str):
-            if _size(value) > limits.max_str:
-                raise _fail(path, f"text longer than {limits.max_str} bytes")
-            return
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                walk(item, f"{path}[{i}]", depth + 1, budget)
-            return
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise _fail(path, "JSON object keys must be text")
-                walk(item, f"{path}.{key}", depth + 1, budget)
-            return
-        raise _fail(path, f"{type(value).__name__} is not JSON data")
-
-    def check(value: Any, path: str) -> Any:
-        if not isinstance(value, dict):
-            raise _fail(path, "expected a map")
-        walk(value, path, 0, [limits.max_items])
-        return value
-
-    return check
 
 
 def _size(value: str | bytes) -> int:
@@ -187,9 +138,6 @@ def _checker(tp: Any) -> tuple[Checker, bool]:
             return tuple(item_check(v, f"{path}[{i}]") for i, v in enumerate(value))
 
         return check_tuple, False
-    if origin in (collections.abc.Mapping, dict):
-        limits = next((c for c in constraints if isinstance(c, JsonLimits)), JsonLimits())
-        return _json_checker(limits), False
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         cls: type = tp
 

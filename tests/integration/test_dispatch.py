@@ -173,3 +173,21 @@ async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, a
     assert r.status_code == 502  # no peer could be reached: a gateway error, not a 400
     error = (await r.get_json())["error"]
     assert error["type"] == "server_error" and error["code"] == "peer_unavailable"
+
+
+def test_a_peers_request_is_held_to_the_parsers_limits():
+    from rbee_p2p.dispatch import Request
+    from rbee_p2p.dispatch.request import Limits as NodeLimits
+    from rbee_p2p.engines.base import ImageRequest, TextRequest
+
+    limits = NodeLimits(max_prompt_chars=10, max_messages=2)
+    image = ImageRequest(prompt="a cat", negative_prompt="x" * 11)
+    with pytest.raises(InvalidRequest) as info:
+        limits.check(Request("image", "m", image=image))
+    assert info.value.param == "negative_prompt"
+    text = TextRequest(max_tokens=4, messages=[{"role": "user", "content": "hi"}] * 3)
+    with pytest.raises(InvalidRequest, match="at most 2 messages"):
+        limits.check(Request("chat", "m", text=text))
+    text = TextRequest(max_tokens=4, prompt="hi", stop=("x" * 257,))
+    with pytest.raises(InvalidRequest, match="longer than 256 bytes"):
+        limits.check(Request("completion", "m", text=text))

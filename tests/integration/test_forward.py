@@ -1,5 +1,6 @@
 """Forwarding over an in-memory stream: the executor and the remote job, both real."""
 
+import logging
 from contextlib import aclosing
 
 import pytest
@@ -219,6 +220,19 @@ async def test_cancel_stops_the_peer_generation(mesh, autojump_clock):
     assert executor.served == 1
     outcomes = [(k, o) for k, o, _ in mesh.audits["B"].records + mesh.audits["A"].records]
     assert ("entry", "cancelled") in outcomes and ("execute", "cancelled") in outcomes
+
+
+async def test_a_requester_hanging_up_is_no_error_on_the_executor(mesh, autojump_clock,
+                                                                      caplog):
+    caplog.set_level(logging.INFO, logger="rbee_p2p.mesh.executor")
+    engine = ScriptedEngine("fake", token_seconds=0.5, batch=1)
+    job, _, executor = await mesh(call(max_tokens=100), engine=engine)
+    await job.frames.reset()  # gone without a Cancel: the stream just ends
+    await trio.sleep(5)
+    assert engine.generated <= 3 and executor.served == 1
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records
+              if r.name == "rbee_p2p.mesh.executor"]
+    assert logged and all(level == "INFO" and "ended early" in text for level, text in logged)
 
 
 async def test_engine_failure_mid_stream_becomes_an_error(mesh, autojump_clock):

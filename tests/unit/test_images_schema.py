@@ -82,11 +82,17 @@ def test_sizes_steps_and_quality_resolve_against_the_model():
     assert info.value.param == "size"
 
 
-def test_text_calls_into_an_image_model_are_refused():
-    engine = ScriptedImageEngine("m")
-    with pytest.raises(InvalidRequest, match="generates images") as info:
-        engine.prepare(TextRequest(max_tokens=5, prompt="hi"))
+def test_text_calls_into_an_image_model_and_back_are_refused():
+    from rbee_p2p.dispatch import Dispatcher, Request
+    from rbee_p2p.engines.fake import ScriptedEngine
+    from rbee_p2p.engines.scheduler import Scheduler
+
+    d = Dispatcher(Scheduler([ScriptedImageEngine("m"), ScriptedEngine("t")]))
+    with pytest.raises(InvalidRequest, match="is an image model") as info:
+        d.engine_for(Request("completion", "m", text=TextRequest(max_tokens=5, prompt="hi")))
     assert info.value.param == "model"
+    with pytest.raises(InvalidRequest, match=r"does not generate images; use an image model \(m\)"):
+        d.engine_for(Request("image", "t", image=ImageRequest(prompt="a cat")))
 
 
 def png_pixels(data: bytes) -> tuple[int, int, bytes]:
