@@ -77,11 +77,12 @@ class Client:
         counts as a refusal against it).  Cancel-safe: a cancelled start leaves no stream."""
         view = self.view
         peer_id = view.peer_bytes(peer)
+        claim = view.claim(peer_id, request.model)  # as the peer was chosen
         try:
             job = await RemoteJob.start(peer_id, self._open_stream, request, key=self.key,
                                         verifier=self.verifier, timing=self.config.timing,
                                         audit=self.audit, on_failure=view._suspect, stamp=stamp,
-                                        on_done=view._job_done,
+                                        on_done=lambda done: view._job_done(done, claim),
                                         admit_by_ms=view._admit_by(peer_id, request))
         except Busy:
             view._refused(peer_id)

@@ -207,21 +207,28 @@ class PeerView:
 
     # -- learning from jobs -------------------------------------------------------------
 
-    def _job_done(self, job: RemoteJob) -> None:
-        """Learn from a finished text job: the speed we measured and the wait we saw,
-        against what the peer's advert claimed when we chose it."""
-        entry = self.table.peers.get(job.where)
-        tokens = job.completion.completion_tokens
-        if entry is None or job.first_at is None or job.ended_at is None:
-            return
+    def claim(self, peer_id: bytes, model: str) -> tuple[float, int, int] | None:
+        """What the peer's advert claims now — ``model``'s speed, its queue and active jobs —
+        which a job sent now is judged against when it comes back (None: not in the table)."""
+        entry = self.table.peers.get(peer_id)
+        if entry is None:
+            return None
         advert = entry.advert
-        claimed = next((m.tokens_per_s for m in advert.models if m.name == job.request.model),
-                       0.0)
+        speed = next((m.tokens_per_s for m in advert.models if m.name == model), 0.0)
+        return speed, advert.queue_depth, advert.active_jobs
+
+    def _job_done(self, job: RemoteJob, claim: tuple[float, int, int] | None) -> None:
+        """Learn from a finished text job: the speed we measured and the wait we saw,
+        against what the peer's advert claimed when we chose it (``claim``)."""
+        if claim is None or job.where not in self.table.peers or job.first_at is None \
+                or job.ended_at is None:
+            return  # (a forgotten peer gets no standing back: state stays bounded)
+        claimed, queue_depth, active_jobs = claim
         self.standings[job.where] = after_result(
             self.standings.get(job.where, Standing()), claimed_tokens_per_s=claimed,
-            queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
-            max_tokens=job.request.max_tokens, tokens=tokens, sent_s=job.started_at,
-            first_s=job.first_at, ended_s=job.ended_at)
+            queue_depth=queue_depth, active_jobs=active_jobs,
+            max_tokens=job.request.max_tokens, tokens=job.completion.completion_tokens,
+            sent_s=job.started_at, first_s=job.first_at, ended_s=job.ended_at)
 
     def _admit_by(self, peer_id: bytes, request: Request) -> int | None:
         """In a large swarm, when the peer should be done by our estimate (x 1.25, + 250 ms

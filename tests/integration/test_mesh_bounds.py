@@ -98,7 +98,7 @@ async def churn(mesh: Mesh) -> tuple[dict[str, int], int]:
         """What the node's jobs teach it about peer ``n`` and about strangers."""
         peer = peer_id(n)
         mesh.view._suspect(peer)
-        mesh.view._job_done(job(peer))
+        mesh.view._job_done(job(peer), mesh.view.claim(peer, "smollm2"))
         mesh.latency.record(peer, 12.5)  # as a ping would
         mesh.view._suspect(peer_id(PEERS + n))  # a peer that was never in the table
         mesh.view._refused(peer_id(2 * PEERS + n))

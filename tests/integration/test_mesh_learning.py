@@ -14,15 +14,24 @@ from rbee_p2p.routing import RequestFacts, Snapshot, decide, fastest
 A, B = samples.key_a(), samples.key_b()  # A routes, B is the peer
 
 
-def mesh_knowing_b(claimed_tps=150.5):
+def mesh_knowing_b(claimed_tps=150.5, queue_depth=0):
     mesh = Mesh(MeshConfig(), A, local=None, executor=None, verifier=Verifier())
+    advertise(mesh, claimed_tps, queue_depth, seq=7)
+    return mesh
+
+
+def advertise(mesh, claimed_tps, queue_depth, seq):
     now = int(time.time() * 1000)
     advert = samples.advert(models=(samples.advert().models[0].__class__(
         name="smollm2", digest=bytes(32), modality="text", tokens_per_s=claimed_tps),),
-        queue_depth=0, active_jobs=0)
+        queue_depth=queue_depth, active_jobs=0, seq=seq)
     raw = seal(B, advert, now_ms=now)
     mesh.table.apply_advert(mesh.verifier.verify(raw, now), now)
-    return mesh
+
+
+def claim(mesh):
+    """What B's advert claims as A chooses it (the job is judged against this)."""
+    return mesh.view.claim(B.peer_id, "smollm2")
 
 
 def finished_job(measured_tps, tokens=64, wait_s=0.05):
@@ -42,15 +51,25 @@ def facts(mesh):
 def test_an_honest_peer_keeps_its_standing():
     mesh = mesh_knowing_b()
     for _ in range(5):
-        mesh.view._job_done(finished_job(measured_tps=150.0))
+        mesh.view._job_done(finished_job(measured_tps=150.0), claim(mesh))
     peer = facts(mesh)
     assert peer.reputation > 0.95 and peer.speed("smollm2") > 140
+
+
+def test_a_job_is_judged_against_the_advert_the_peer_was_chosen_by():
+    mesh = mesh_knowing_b(queue_depth=4)  # busy when chosen: 4 x 64 tokens to wait for
+    for seq in range(8, 18, 2):
+        chosen = claim(mesh)
+        advertise(mesh, 150.5, queue_depth=0, seq=seq)  # idle again by the time it is done
+        mesh.view._job_done(finished_job(measured_tps=150.0, wait_s=4 * 64 / 150.5), chosen)
+        advertise(mesh, 150.5, queue_depth=4, seq=seq + 1)
+    assert facts(mesh).reputation > 0.95  # it waited as long as it said it would
 
 
 def test_a_peer_claiming_three_times_its_speed_sinks_and_loses_to_an_honest_one():
     liar = mesh_knowing_b(claimed_tps=300.0)
     for _ in range(4):
-        liar.view._job_done(finished_job(measured_tps=100.0))
+        liar.view._job_done(finished_job(measured_tps=100.0), claim(liar))
     peer = facts(liar)
     assert peer.reputation < 0.5 and peer.speed("smollm2") < 120
     honest = peer.__class__(id="honest", models=(peer.models[0].__class__(
