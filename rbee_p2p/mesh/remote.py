@@ -177,13 +177,16 @@ class RemoteJob:
             raise PeerUnavailable(f"unexpected {type(message).__name__} from peer")
 
     def _finish(self, end: ResultEnd) -> None:
+        """Check the receipt; a bad one counts as the peer's failure (it lied or broke)."""
         try:
             receipt = verify_receipt(end.receipt, request_raw=self.request_raw,
                                      executor=self.where, output_digest=self.output.digest(),
                                      tokens_out=self.session.tokens_out)
         except ProtocolError as exc:
+            self._failed()
             raise EngineFailure(f"the peer's receipt does not verify: {exc}") from None
         if not satisfies(receipt.jurisdiction, self.stamp.residency):
+            self._failed()
             raise EngineFailure(f"the peer's receipt says it ran in {receipt.jurisdiction!r}, "
                                 f"outside the required {self.stamp.residency}")
         self.receipt = receipt
@@ -191,6 +194,10 @@ class RemoteJob:
         self.completion.prompt_tokens = receipt.tokens_in
         self.completion.completion_tokens = receipt.tokens_out
         self.completion.finish_reason = end.finish_reason
+
+    def _failed(self) -> None:
+        if self.on_failure is not None:
+            self.on_failure(self.where)  # the peer is suspect from now on
 
     async def batches(self) -> AsyncIterator[list[str]]:
         outcome = "error"
@@ -211,8 +218,7 @@ class RemoteJob:
             if isinstance(exc, PeerRefused) and not produced:
                 raise  # it answered, and would not take the job: no mark against it
             name = peer_id_to_str(self.where)[:16]
-            if self.on_failure is not None:
-                self.on_failure(self.where)  # the peer is suspect from now on
+            self._failed()
             if not produced:  # nothing reached the client yet: another peer may take over
                 raise PeerUnavailable(f"{name}… failed before the first token: {exc}") from None
             raise EngineFailure(f"peer {name}… failed mid-stream: {exc}") from None

@@ -84,11 +84,12 @@ def mesh(nursery):
 
         job = await RemoteJob.start(B.peer_id, open_stream, c, key=A, verifier=Verifier(),
                                     timing=TIMING, audit=audits["A"], stamp=stamp,
-                                    admit_by_ms=admit_by_ms)
+                                    admit_by_ms=admit_by_ms, on_failure=start.failed.append)
         return job, engine, server
 
     start.audits = audits
     start.served = []  # the executor's ends of the streams
+    start.failed = []  # peers the remote job reported as failed
     return start
 
 
@@ -157,6 +158,7 @@ async def test_a_receipt_outside_the_residency_is_an_error(mesh, autojump_clock)
     job.stamp = Stamp(tenant=EU_TENANT)  # the requester required EU
     with pytest.raises(EngineFailure, match="outside the required EU"):
         await collect(job)
+    assert mesh.failed == [B.peer_id]  # a lying receipt counts against the peer
 
 
 async def test_stop_string_tokens_still_add_up(mesh, autojump_clock):
