@@ -1,4 +1,5 @@
-"""Every ``rbee-node`` command: ``main`` parses and dispatches (see main.py)."""
+"""Every ``rbee-node`` command: ``main`` parses and dispatches (commands.py); tenants.py,
+audit.py and pull.py hold the longer commands."""
 
 from .commands import build_parser, main
 

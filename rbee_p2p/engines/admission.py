@@ -219,10 +219,6 @@ class Capacity:
                 "images": {"available": self.images_reason is None,
                            "reason": self.images_reason}}
 
-    def device_infos(self) -> tuple[Any, ...]:
-        """``protocol.messages.DeviceInfo`` values for the capability advert."""
-        return device_infos(self._fresh())
-
     def model_infos(self, engines: Iterable[Any]) -> tuple[Any, ...]:
         """``protocol.messages.ModelInfo`` values for the advert; ``device`` is set for
         models the config pins to a device (routing must run them there, nowhere else)."""

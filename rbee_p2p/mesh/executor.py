@@ -1,5 +1,5 @@
-"""Forwarding inference over ``/rbee/infer/1.0.0``: the executor's handler and the
-requester's remote job.
+"""Forwarding inference over ``/rbee/infer/1.0.0``: the executor's handler (the
+requester's side is remote.py's RemoteJob).
 
 One stream per job.  The requester writes a signed InferenceRequest, later maybe Cancel
 frames; the executor answers with ResultChunk frames (a batch of tokens each; an empty one

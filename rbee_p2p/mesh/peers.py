@@ -182,10 +182,12 @@ class PeerView:
         try:
             stream = await self.host.new_stream(ID(peer), [PROBE_ID])
             frames = FrameStream(stream, 64 * 1024)
+            received = False
             try:
                 raw = await frames.receive()
-            finally:
-                await end_quietly(stream.close)
+                received = True
+            finally:  # a probe cut short (quorum, timeout) resets: no wait on a stalled peer
+                await end_quietly(stream.close if received else stream.reset)
             verified = self.verifier.verify(raw, now_ms(), expect=CapabilityAdvert, sender=peer)
             self.membership.apply(verified, now_ms())
         except Exception as exc:  # cancelled probes are not failures: trio.Cancelled passes

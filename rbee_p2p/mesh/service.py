@@ -43,13 +43,10 @@ class Mesh:
                  executor: Executor, verifier: Verifier, audit: AuditWriter | None = None) -> None:
         self.config = config
         self.key = key
-        self.local = local
         self.executor = executor
         self.verifier = verifier
-        self.audit = audit
         self.host: Any = None
         self.pubsub: Any = None
-        self.dht: Any = None
         self.membership = Membership(config, key, local, verifier, self.addrs)
         self.membership.on_back = self._unblock
         self.view = PeerView(config, key, self.membership, verifier)
@@ -192,7 +189,7 @@ class Mesh:
         from libp2p.tools.anyio_service import background_trio_service
 
         logging.getLogger("libp2p.kad_dht.kad_dht").setLevel(logging.ERROR)  # EOF noise
-        self.dht = dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=False)
+        dht = KadDHT(self.host, DHTMode.SERVER, enable_random_walk=False)
         key = rendezvous_key(self.config.swarm)
         async with background_trio_service(dht):
             while True:

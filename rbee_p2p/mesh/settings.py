@@ -4,7 +4,6 @@ DHT rendezvous key, reminder pacing and liveness limits, a size-capped dict."""
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -13,7 +12,7 @@ from ..protocol.cadence import (BUDGET_PER_S, CEILING_MS, liveness_limits_ms,
                                 membership_interval_ms)
 from ..protocol.identity import peer_id_to_str
 from ..protocol.messages import DeviceInfo, ModelInfo
-from .executor import Timing
+from .executor import Timing, now_ms
 
 __all__ = ["MeshConfig", "LocalInfo", "advert_topic", "rendezvous_key", "PROBE_ID", "now_ms",
            "reminder_interval_s", "liveness_s", "Capped", "MAX_MODELS", "short"]
@@ -61,10 +60,6 @@ class LocalInfo:
     queue_depth: int
     active_jobs: int
     max_queue: int
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def advert_topic(swarm: str) -> str:

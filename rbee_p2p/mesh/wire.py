@@ -16,8 +16,7 @@ __all__ = ["to_wire", "from_wire"]
 
 
 def to_wire(request: Request, *, request_id: bytes, target: bytes, deadline_ms: int,
-            stamp: Stamp = Stamp(), admit_by_ms: int | None = None,
-            model_digest: bytes | None = None) -> InferenceRequest:
+            stamp: Stamp = Stamp(), admit_by_ms: int | None = None) -> InferenceRequest:
     t, image = request.text, request.image
     messages = prompt = inputs = sampling = spec = None
     if t is not None:
@@ -38,7 +37,7 @@ def to_wire(request: Request, *, request_id: bytes, target: bytes, deadline_ms: 
         request_id=request_id, target=target, model=request.model, kind=request.kind,
         stream=request.stream, max_tokens=request.units, deadline_ms=deadline_ms,
         messages=messages, prompt=prompt, inputs=inputs, sampling=sampling, image=spec,
-        model_digest=model_digest, tenant_ref=stamp.tenant_ref, residency=stamp.residency,
+        tenant_ref=stamp.tenant_ref, residency=stamp.residency,
         admit_by_ms=admit_by_ms)
 
 

@@ -294,7 +294,7 @@ async def test_the_advert_shows_pinned_devices(tmp_path, autojump_clock):
     engines, capacity = await load_models(config, hardware=HW, loader=fake_loader)
     infos = {m.name: m for m in capacity.model_infos(engines)}
     assert infos["pinned"].device == "cpu" and infos["free"].device is None
-    assert [d.id for d in capacity.device_infos()] == ["cpu"]
+    assert [d.id for d in capacity.current_device_infos()] == ["cpu"]
 
 
 # -- the tiny real diffusers pipeline ---------------------------------------------------------
