@@ -6,7 +6,8 @@ Compares, in one run on this machine, with the same model, threads, context and 
   * llama-cpp-python's own server (``python -m llama_cpp.server``) over HTTP/SSE.
 Requests are 64-token completions with distinct prompts, sent back to back: blocks of
 consecutive requests per target, blocks interleaved across rounds so that drift hits all
-targets alike.  The first request of each block is a warm-up (the model was idle and its
+targets alike; in a round every target gets the same prompts (prompt lengths and shared
+prefixes differ between prompts, and so does the work before the first token).  The first request of each block is a warm-up (the model was idle and its
 weights cold while the other targets ran) and is not counted.  Reports medians and ratios
 against the anchors.
 
@@ -161,13 +162,12 @@ def main() -> None:
             "llama_cpp.server": lambda i, t=TOKENS: http_run(llama_client, i, t, LLAMA_EXTRA),
         }
         runs: dict[str, list] = {name: [] for name in targets}
-        i = 0
-        for _ in range(args.rounds):
-            for name, run in targets.items():
-                run(10_000 + i, 8)  # warm-up
-                for _ in range(args.block - 1):
-                    runs[name].append(run(i))
-                    i += 1
+        for r in range(args.rounds):
+            base = r * args.block
+            for name, run in targets.items():  # the same prompts for every target
+                run(10_000 + base, 8)  # warm-up
+                for k in range(args.block - 1):
+                    runs[name].append(run(base + k))
         short: dict[str, list[float]] = {"rbee-node": [], "llama_cpp.server": []}
         for r in range(args.rounds):
             short["rbee-node"].append(sequential_short(rbee_client, {}, args.short, 500 + r * 50))
