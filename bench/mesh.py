@@ -88,15 +88,14 @@ def stream(url: str, body: dict) -> tuple[float, float, int]:
 
 def forwarding(b: Node, a: Node, rounds: int, block: int) -> dict:
     runs: dict[str, list] = {"local on B": [], "A -> B": []}
-    i = 0
-    for _ in range(rounds):
-        for name, url in (("local on B", b.url), ("A -> B", a.url)):
+    for r in range(rounds):
+        base = r * block
+        for name, url in (("local on B", b.url), ("A -> B", a.url)):  # the same prompts
             body = lambda i: {"model": "smollm2", "prompt": f"Story {i} about a bee:",  # noqa
                               "max_tokens": TOKENS, "temperature": 0.8, "seed": i}
-            stream(url, {**body(90_000 + i), "max_tokens": 8})  # warm-up
-            for _ in range(block - 1):
-                runs[name].append(stream(url, body(i)))
-                i += 1
+            stream(url, {**body(90_000 + base), "max_tokens": 8})  # warm-up
+            for k in range(block - 1):
+                runs[name].append(stream(url, body(base + k)))
     out = {}
     for name, rs in runs.items():
         out[name] = {"tok_s": median([(n - 1) / span for _, span, n in rs if n > 1 and span > 0]),
