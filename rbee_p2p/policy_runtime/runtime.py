@@ -87,7 +87,7 @@ class Evaluator(Protocol):
 
 
 class WorkerEvaluator:
-    """A ``python -m rbee_p2p.policy_runtime.worker`` child.  Each exchange is shielded from
+    """A ``python -m rbee_p2p.policy_runtime`` (worker.py) child.  Each exchange is shielded from
     outside cancellation and bounded by its own deadline (so the pipe never holds half a
     frame); past the deadline plus a grace the child is killed and this evaluator is dead.
     """
@@ -115,7 +115,7 @@ class WorkerEvaluator:
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
                                              if p)}
         self._proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "rbee_p2p.policy_runtime.worker", "--memory-mb",
+            [sys.executable, "-m", "rbee_p2p.policy_runtime", "--memory-mb",
              str(self.memory_mb), "--cpu-s", str(self.cpu_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._fresh = True

@@ -182,7 +182,7 @@ def serve(inp: BinaryIO, out: BinaryIO, cpu_s: int = 0) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rbee_p2p.policy_runtime.worker",
+    parser = argparse.ArgumentParser(prog="python -m rbee_p2p.policy_runtime",
                                      description="Starlark routing-policy worker (internal)")
     parser.add_argument("--memory-mb", type=int, default=512,
                         help="address-space limit (0: none)")
@@ -205,7 +205,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         pass
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
