@@ -1,13 +1,15 @@
-"""Every call from the simulator into ``rbee_p2p.routing``, in one place.
+"""Every call from the simulator into ``rbee_p2p.routing``'s policy, in one place.
 
-The routing API is being reworked (``RequestFacts``/``PeerFacts``/``Snapshot`` ->
-``Ranked``/``Rejected``); only this module has to follow it.  The rest of the simulator
-speaks :class:`Place` (a plain record of what a node knows about one place) and node
-indices.
+The rest of the simulator speaks :class:`Place` (a node index and what routing sees of it:
+for a peer the node's own ``routing.places.peer_facts`` of an advert, built in
+``views.py``) and node indices; this module ranks places with ``decide(fastest, ...)`` as
+the dispatcher does, and builds the one thing the node does not get from an advert: this
+node's own facts (:meth:`Router.local_facts`, as ``Dispatcher.local_facts``).
 
-Sampling, probing, admission and reputation are not adapted here: ``requests.py`` calls
-``rbee_p2p.routing.probing`` / ``sampling`` / ``reputation`` directly, the very functions
-the node's mesh calls (``tests/unit/test_sim_shared.py`` checks they are the same objects).
+Sampling, probing, admission and reputation are not adapted here: ``requests.py`` and
+``views.py`` call ``rbee_p2p.routing.places`` / ``probing`` / ``sampling`` / ``reputation``
+directly, the very functions the node's mesh calls (``tests/unit/test_sim_shared.py``
+checks they are the same objects).
 
 Also here: a vectorised twin of :func:`rbee_p2p.routing.sampling.priority` for drawing
 pools over thousands of peers at once.  It is the same arithmetic (splitmix64 in uint64,
@@ -36,15 +38,8 @@ class Place:
     """One place a request could run, as the deciding node sees it."""
 
     node: int
-    local: bool
-    tokens_per_s: float
-    queue_depth: int
-    active_jobs: int
-    max_queue: int
-    latency_ms: float = 0.0  # round trip, plus the expected time lost to failures there
-    trust: float = 1.0
-    state: str = "alive"  # or "suspect" (PeerState value)
-    claimed: float = 0.0  # the speed its advert claims (tokens_per_s: after reputation)
+    facts: PeerFacts  # what routing sees: a peer's from ``peer_facts``, ours from local_facts
+    claimed: float = 0.0  # the speed its advert claims (facts: after reputation)
 
 
 class Router:
@@ -59,28 +54,29 @@ class Router:
         self.seconds = 0.0
         self.places = 0
 
-    def _id(self, node: int) -> str:
+    def id(self, node: int) -> str:
+        """The node's base58 peer id (encoded once)."""
         text = self._ids.get(node)
         if text is None:
             text = self._ids[node] = peer_id_to_str(self.peer_ids[node])
             self._nodes[text] = node
         return text
 
-    def facts(self, model: str, place: Place) -> PeerFacts:
-        """What the policy sees of a place (the model's speed, the load, the round trip,
-        the reputation)."""
-        return PeerFacts(id=self._id(place.node), local=place.local,
-                         models=(ModelFacts(model, "text", place.tokens_per_s),),
-                         queue_depth=place.queue_depth, active_jobs=place.active_jobs,
-                         max_queue=place.max_queue, latency_ms=place.latency_ms,
-                         reputation=place.trust, state=place.state)
+    def local_facts(self, model: str, node: int, tokens_per_s: float, queue_depth: int,
+                    active_jobs: int, max_queue: int, jurisdiction: str = "") -> PeerFacts:
+        """This node as its own dispatcher sees it (``Dispatcher.local_facts``: its measured
+        speed, its scheduler's load)."""
+        return PeerFacts(id=self.id(node), local=True,
+                         models=(ModelFacts(model, "text", tokens_per_s),),
+                         queue_depth=queue_depth, active_jobs=active_jobs,
+                         max_queue=max_queue, jurisdiction=jurisdiction)
 
     def rank(self, model: str, max_tokens: int, prompt_tokens: int,
              places: Sequence[Place], now_ms: int = 0) -> list[int]:
         """Node indices best-first (full places left out), as the node's dispatcher would
         try them; empty when the policy rejects."""
         started = time.perf_counter()
-        facts = [self.facts(model, p) for p in places]
+        facts = [p.facts for p in places]
         local = next((f for f in facts if f.local), None)
         snapshot = Snapshot(local=local, peers=tuple(f for f in facts if not f.local),
                             now_ms=now_ms)
@@ -95,8 +91,7 @@ class Router:
 
     def expected_ms(self, model: str, max_tokens: int, place: Place) -> float:
         """The policy's own estimate of when a request would be done at ``place``."""
-        return expected_ms(self.facts(model, place),
-                           RequestFacts(model=model, max_tokens=max_tokens))
+        return expected_ms(place.facts, RequestFacts(model=model, max_tokens=max_tokens))
 
     def node(self, peer_id: str) -> int:
         return self._nodes[peer_id]

@@ -3,17 +3,19 @@
 A request enters at a node (a user's own node), which plans where to run it:
 
 * ``flood`` design: the places are this node and every peer whose advert it holds, alive or
-  suspect, as ``Mesh.peers`` offers them (an advert's age is exact: it was published at a
-  known time and reached this node over the mesh); the policy ranks them all;
-* ``sample`` design: what ``Mesh.candidates`` does, by the same functions
+  suspect, as ``PeerView.peers`` (``rbee_p2p/mesh/peers.py``) offers them (an advert's age
+  is exact: it was published at a known time and reached this node over the mesh); the
+  policy ranks them all;
+* ``sample`` design: what ``PeerView.candidates`` does, by the same functions
   (``rbee_p2p.routing.probing``): this node keeps a *pool* per model (``draw_pool``,
-  weights ``probing.weight``, redrawn when ``pool_due``), draws ``routing.probes`` of it
-  per request (``draw_probes``), asks each for its current advert, decides once
+  weights ``probing.peer_weight``, redrawn when ``pool_due``), draws ``routing.probes`` of
+  it per request (``draw_probes``), asks each for its current advert, decides once
   ``probing.decided`` (half answered) or after ``probe_wait_s`` (the node's
   ``probe_timeout_s``), and ranks itself and the peers ``probing.to_rank`` keeps.  As on
-  the node, a peer's facts carry ``effective_speed`` / ``trust`` / ``failure_penalty_ms``
-  of this node's standing there, and no round trip (``rtt_latency`` adds it: an
-  experiment).
+  the node, a peer's facts are ``routing.places.peer_facts`` of its advert: the speed and
+  trust of this node's standing there, and as latency the expected cost of its failures
+  plus the round trip this node's pings measured (``smoothed_rtt``, every
+  ``ping_interval_s`` to each connected peer; ``rtt_latency = false`` leaves it out).
 
 Then, like ``Dispatcher.start``, it tries the ranked places in order: a full queue answers
 "busy" (next place), a vanished peer fails after the connect timeout (the peer becomes
@@ -27,7 +29,7 @@ dropper accepts and never answers (the requester gives up after ``drop_timeout_s
 garbage peer answers at once with junk (a spot check catches it with ``detect_garbage``), a
 liar claims ``speed_lie`` x its speed and an empty queue.  What the requester observes feeds
 its reputation standings (``rbee_p2p.routing.reputation``: ``after_result`` with what
-``Mesh._job_done`` passes, ``after_failure``, ``after_refusal``).
+``PeerView._job_done`` passes, ``after_failure``, ``after_refusal``).
 
 Non-observer nodes keep their view compactly: a dict of peers they saw fail (with the
 states of ``PeerTable.TRANSITIONS``), the flood adverts by (publish time + mesh delay).
@@ -42,7 +44,7 @@ import numpy as np
 
 from rbee_p2p.protocol.messages import CapabilityAdvert
 from rbee_p2p.protocol.peers import TRANSITIONS, PeerState
-from rbee_p2p.routing import RequestFacts
+from rbee_p2p.routing import PeerFacts, RequestFacts
 from rbee_p2p.routing.probing import admit_by_ms, draw_probes, quorum, refuses, to_rank
 from rbee_p2p.routing.reputation import Standing, after_failure, after_refusal, after_result
 from rbee_p2p.routing.sampling import peer_key
@@ -63,9 +65,9 @@ ALIVE, SUSPECT, DEAD = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD
 
 
 class Req:
-    __slots__ = ("rid", "entry", "model", "round", "token", "ranked", "next", "probe_t",
-                 "replies", "claims", "places", "target", "job_token", "arrived", "started",
-                 "sent", "deadline", "chosen")
+    __slots__ = ("rid", "entry", "model", "round", "token", "ranked", "next", "replies",
+                 "claims", "places", "target", "job_token", "arrived", "started", "sent",
+                 "deadline", "chosen")
 
     def __init__(self, rid: int, entry: int, model: int) -> None:
         self.rid, self.entry, self.model = rid, entry, model
@@ -73,7 +75,6 @@ class Req:
         self.token = 0  # bumped per attempt: events of older attempts are ignored
         self.ranked: list[int] = []
         self.next = 0
-        self.probe_t = 0.0
         self.replies: list[tuple[int, CapabilityAdvert, float, float]] = []
         self.claims: dict[int, tuple[float, int, int]] = {}  # node -> advert's speed, load
         self.places: dict[int, Place] = {}
@@ -102,6 +103,12 @@ class Requests(Views):
         self.claim_np = np.array(s.claim_speed)
         self.pools: dict[tuple[int, int], tuple[int, list[int], set[int]]] = {}
         self.dists: dict[int, tuple[int, list[float]]] = {}
+        # views.py: peer facts (c, state, standing) -> (advert, rtt, facts); membership
+        # adverts of peers; per node, its connected peers' [last ping, smoothed rtt ms]
+        self.facts_cache: dict[tuple[int, str, Standing | None],
+                               tuple[CapabilityAdvert, float, PeerFacts]] = {}
+        self.member_adverts: dict[int, CapabilityAdvert] = {}
+        self.rtts: list[dict[int, list]] = [{} for _ in range(s.n)]
         self.model_names = [m.name for m in MODELS]
 
     # -- arrivals and outcomes ------------------------------------------------------------
@@ -164,14 +171,15 @@ class Requests(Views):
     def _probe(self, req: Req) -> None:
         s, e, now, net = self.s, req.entry, self.loop.now, self.net
         pool, members = self._pool(e, req.model)
-        candidates = [(c, self.keys[c], self._weight(e, c, s.claim_speed[c])) for c in pool]
+        candidates = [(c, self.keys[c], self._weight(e, c)) for c in pool]
         salt = peer_key(req.rid.to_bytes(8, "big") + bytes([req.round & 255]))
         chosen = draw_probes(salt, candidates, members.__contains__, self.r.probes)
-        req.replies, req.probe_t, req.chosen = [], now, chosen
+        req.replies, req.chosen = [], chosen
         replies: list[tuple[float, float, int]] = []  # (answer back, probe there, peer)
         for c in chosen:
             if not s.alive[c] or not net.reachable(e, c):
-                continue  # the node's probe fails: no answer, nothing else (Mesh._probe)
+                continue  # the node's probe fails: no answer, nothing else (PeerView._probe)
+            self._connected(e, c)
             there = net.delay(e, c, PROBE_BYTES)
             back = net.delay(c, e, s.advert_size[c] + REPLY_OVERHEAD)
             replies.append((now + there + back, now + there, c))
@@ -219,11 +227,7 @@ class Requests(Views):
             self._revive(e, c, advert, read_at)
             if not advert.models:
                 continue
-            claimed = advert.models[0].tokens_per_s
-            speed, trust_, penalty = self._speed(e, c, claimed)
-            rtt = (reply_at - req.probe_t) * 1000.0 if self.r.rtt_latency else 0.0
-            places.append(Place(c, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, rtt + penalty, trust_, "alive", claimed))
+            places.append(self._place(e, c, advert, "alive", self._rtt_ms(e, c), cache=False))
             if self.m.in_window(now):
                 self.m.staleness.append(now - read_at)
         self._rank_and_try(req, places)
@@ -231,22 +235,11 @@ class Requests(Views):
     def _known_place(self, e: int, c: int) -> Place | None:
         """Peer c as node e knew it before probing: its table entry (observers) or its
         membership advert (no load in it)."""
-        s = self.s
         state = self._state(e, c)
-        if state is None:
+        advert = None if state is None else self._held_advert(e, c)
+        if advert is None or not advert.models:
             return None
-        claimed = s.claim_speed[c]
-        queue_depth = active = 0
-        if e in s.tables:
-            entry = s.tables[e].peers[s.wire.peer_ids[c]]
-            if not entry.advert.models:
-                return None
-            advert = entry.advert
-            claimed, queue_depth, active = (advert.models[0].tokens_per_s, advert.queue_depth,
-                                            advert.active_jobs)
-        speed, trust_, penalty = self._speed(e, c, claimed)
-        return Place(c, False, speed, queue_depth, active, s.max_queue, penalty, trust_, state,
-                     claimed)
+        return self._place(e, c, advert, state, self._rtt_ms(e, c))
 
     # -- views: suspicion ---------------------------------------------------------------
 
@@ -285,15 +278,16 @@ class Requests(Views):
                 continue
             req.sent = self.loop.now
             req.deadline = None
-            if self.r.admission == "deadline":  # Mesh._admit_by
+            if self.r.admission == "deadline":  # PeerView._admit_by
                 name = self.model_names[req.model]
                 req.deadline = admit_by_ms(
-                    self.loop.now_ms(), self.router.facts(name, req.places[target]),
+                    self.loop.now_ms(), req.places[target].facts,
                     RequestFacts(name, max_tokens=tr.max_tokens[req.rid]))
             if not s.alive[target] or not self.net.reachable(e, target):
                 self.loop.after(self.r.connect_timeout_s, self._job_failed, req, req.token,
                                 "unreachable")
                 return
+            self._connected(e, target)
             size = 4 * tr.prompt[req.rid] + 300
             self.loop.after(self.net.delay(e, target, size), self._job_arrive, req, req.token,
                             target)
@@ -334,9 +328,10 @@ class Requests(Views):
         speed ends after the request's deadline."""
         s = self.s
         name = self.model_names[req.model]
-        own = Place(node, True, s.speed[node], len(s.queue[node]),
-                    1 if s.running[node] >= 0 else 0, s.max_queue)
-        return refuses(self.loop.now_ms(), req.deadline, self.router.facts(name, own),
+        own = self.router.local_facts(name, node, s.speed[node], len(s.queue[node]),
+                                      1 if s.running[node] >= 0 else 0, s.max_queue,
+                                      s.wire.jurisdiction[node])
+        return refuses(self.loop.now_ms(), req.deadline, own,
                        RequestFacts(name, max_tokens=self.tr.max_tokens[req.rid]))
 
     def _busy(self, req: Req, token: int) -> None:
@@ -400,7 +395,7 @@ class Requests(Views):
     def _complete(self, req: Req, node: int, decode: float) -> None:
         self.m.executor[req.rid] = node
         self.m.dispatched[req.rid] = req.sent
-        if self.r.reputation and node != req.entry:  # Mesh._job_done
+        if self.r.reputation and node != req.entry:  # PeerView._job_done
             tr, rid = self.tr, req.rid
             claimed, queue_depth, active = req.claims.get(node, (0.0, 0, 0))
             first = (req.started + tr.prompt[rid] / self.s.prefill[node]

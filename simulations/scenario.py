@@ -13,10 +13,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from rbee_p2p.mesh.settings import MeshConfig
 from rbee_p2p.routing.probing import PROBE_TIMEOUT_MS
 
 __all__ = ["Scenario", "Workload", "Surge", "Routing", "Gossip", "Network", "Partition",
            "Churn", "Malicious", "Sim", "load", "parse", "ScenarioError"]
+
+
+_NODE = MeshConfig()  # the node's defaults, where a setting mirrors one of the node's
 
 
 class ScenarioError(ValueError):
@@ -54,17 +58,20 @@ class Routing:
     (``rbee_p2p.routing.probing``); only how many probes and the probe timeout are settings,
     as on the node (``MeshConfig.probes`` / ``probe_timeout_s``)."""
 
-    mode: str = "sample"  # "sample" (pools + probes) or "flood" (today's node: load gossip)
+    mode: str = "sample"  # "sample" (pools + probes) or "flood" (load gossip: a small
+    # swarm's node, at any size)
     probes: int = 32  # sample: candidates probed per request (node: MeshConfig.probes)
     probe_wait_s: float = PROBE_TIMEOUT_MS / 1000  # sample: decide by then at the latest
-    rtt_latency: bool = False  # sample: rank with the probe's round trip as latency_ms (the
-    # node does not measure it yet: False runs what the node does)
+    rtt_latency: bool = True  # rank with the measured round trip in latency_ms, as the node
+    # does (mesh/latency.py: pings every ping_interval_s, smoothed_rtt); False leaves it out
     max_rounds: int = 3  # plan -> try the ranked places; again after a backoff
     backoff_s: float = 1.0
     connect_timeout_s: float = 3.0  # a job sent to a vanished peer fails after this
     crash_detect_s: float = 1.0  # a crashed executor's stream ends this long after
-    stream_timeout_s: float = 5.0  # a result cut off by a partition is given up after
-    deadline_s: float = 600.0  # a request not done this long after arrival fails (forward.py)
+    stream_timeout_s: float = _NODE.timing.frame_timeout_s  # a result cut off by a partition
+    # is given up after this (no frame for that long: mesh/remote.py)
+    deadline_s: float = _NODE.timing.deadline_s  # a request not done this long after arrival
+    # fails (Timing.deadline_s, mesh/remote.py)
     reputation: bool = True  # weigh peers by what jobs sent to them showed
     max_queue: int = 2  # the node's admission limit (rbee-node: 16; flood.toml uses that)
     admission: str = "deadline"  # "queue": refuse when full; "deadline": also refuse a job
@@ -81,10 +88,12 @@ class Gossip:
     heartbeat_s: float = 1.0
     history_gossip: int = 3  # heartbeats of message ids advertised in IHAVE
     hop_ms: float = 1.0  # validation + forwarding per hop
-    advert_interval_s: float = 1.0  # flood: periodic advert (mesh/service.py)
+    advert_interval_s: float = _NODE.advert_interval_s  # flood: periodic advert
+    # (MeshConfig; Membership.publish, mesh/membership.py)
     advert_min_gap_s: float = 0.25  # flood: at most 4 adverts a second
     advert_debounce_s: float = 0.1  # flood: wait after a load change
-    membership_budget_per_s: float = 0.5  # sample: swarm-wide reminder budget (adverts/s)
+    membership_budget_per_s: float = _NODE.advert_budget  # sample: swarm-wide reminder
+    # budget (adverts/s; MeshConfig.advert_budget)
     membership_floor_s: float = 30.0
 
 
@@ -115,7 +124,8 @@ class Malicious:
     kinds: tuple[str, ...] = ("liar", "dropper", "garbage")
     speed_lie: float = 3.0  # liars claim this times their speed and an empty queue
     detect_garbage: float = 0.5  # chance a spot check catches a garbage answer
-    drop_timeout_s: float = 10.0  # no first token by then: the requester gives up
+    drop_timeout_s: float = _NODE.timing.frame_timeout_s  # no frame by then: the requester
+    # gives up (Timing.frame_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ Each node runs its models one job at a time from a FIFO of at most ``max_queue``
 
 Two advert designs (``routing.mode``):
 
-* ``flood`` -- today's node (``mesh/service.py``): one GossipSub topic; every node
-  publishes its full advert every ``advert_interval`` and 0.1 s after a load change (at
-  most every 0.25 s); every node routes over all the adverts it holds;
+* ``flood`` -- a small swarm's node (``Membership.publish``, ``rbee_p2p/mesh/membership.py``)
+  at any size: one GossipSub topic; every node publishes its full advert every
+  ``advert_interval`` and 0.1 s after a load change (at most every 0.25 s); every node
+  routes over all the adverts it holds;
 * ``sample`` -- the proposed design: the topic carries only membership adverts (on join,
   on goodbye, and reminders paced by ``rbee_p2p.protocol.cadence``); load is asked for
   when routing (``requests.py``).
@@ -25,7 +26,8 @@ from collections import deque
 
 import numpy as np
 
-from rbee_p2p.protocol.cadence import liveness_limits_ms, membership_interval_ms
+from rbee_p2p.mesh.settings import advert_ttl_ms, liveness_s
+from rbee_p2p.protocol.cadence import membership_interval_ms
 from rbee_p2p.protocol.envelope import Verifier
 from rbee_p2p.protocol.errors import ProtocolError
 from rbee_p2p.protocol.messages import CapabilityAdvert
@@ -37,6 +39,7 @@ from .hardware import MODELS
 from .metrics import Metrics
 from .network import Network
 from .scenario import Scenario
+from .views import NODE
 from .wire import SWARM, Wire
 from .world import World
 
@@ -136,17 +139,20 @@ class Swarm:
         honest = [i for i in range(w.initial) if self.bad[i] is None]
         count = len(honest) if self.sc.nodes <= 64 else min(self.sc.sim.observers, len(honest))
         chosen = sorted(self.rng.sample(honest, count))
-        suspect, dead, forget = 3_000, 8_000, 60_000  # mesh/service.py defaults
+        # the node's limits (Membership: MeshConfig's, longer as reminders get sparser:
+        # settings.liveness_s); it never changes the table's forget_after_ms
+        suspect_s, dead_s = NODE.suspect_after_s, NODE.dead_after_s
         if not self.flood_mode:
+            suspect_s, dead_s = liveness_s(NODE, self._interval_ms() / 1000)
             # ageing every 0.25 s is pointless (and costs 40k checks/s at 10k peers) when
             # limits are hours: age at 1/12 of the suspect limit
-            suspect, dead, forget = liveness_limits_ms(self._interval_ms())
-            self.tick_s = max(TICK_S, suspect / 12_000)
+            self.tick_s = max(TICK_S, suspect_s / 12)
+        suspect, dead = int(suspect_s * 1000), int(dead_s * 1000)
+        self.wire.ttl_ms = advert_ttl_ms(dead_s)  # as Membership.sealed_advert seals them
         for node in chosen:
             self.tables[node] = PeerTable(self_id=self.wire.peer_ids[node], swarm=SWARM,
                                           suspect_after_ms=suspect, dead_after_ms=dead,
-                                          forget_after_ms=forget,
-                                          max_peers=max(4096, 2 * w.count))
+                                          max_peers=max(NODE.max_peers, 2 * w.count))
             self.verifiers[node] = Verifier()
 
     def _interval_ms(self) -> int:

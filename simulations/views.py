@@ -2,8 +2,11 @@
 
 Flood design: every peer whose advert it holds (compactly, or through an observer's real
 ``PeerTable``); sample design: its per-model pool, drawn with the node's own
-``rbee_p2p.routing.probing`` functions.  A mixin: the state it reads (``self.swarm``,
-``self.cfg``, the standings, the pools) belongs to ``Requests``.
+``rbee_p2p.routing.probing`` functions.  What routing sees of each peer is the node's own
+``rbee_p2p.routing.places.peer_facts`` (``PeerView.peers``, ``rbee_p2p/mesh/peers.py``) of
+the advert this node holds, its standing there and the round trip it measured, smoothed
+with the node's ``smoothed_rtt``.  A mixin: the state it reads (``self.s``, ``self.r``, the
+standings, the pools, the round trips) belongs to ``Requests``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import math
 
 import numpy as np
 
+from rbee_p2p.mesh.settings import MeshConfig
+from rbee_p2p.protocol.messages import CapabilityAdvert
 from rbee_p2p.protocol.peers import PeerState
-from rbee_p2p.routing.probing import draw_pool, pool_due, pool_size, weight
-from rbee_p2p.routing.reputation import effective_speed, failure_penalty_ms, trust
+from rbee_p2p.routing import PeerFacts
+from rbee_p2p.routing.places import peer_facts, smoothed_rtt
+from rbee_p2p.routing.probing import draw_pool, peer_weight, pool_due, pool_size
 
 from . import policy
 from .policy import Place
@@ -25,10 +31,16 @@ from .policy import Place
 if TYPE_CHECKING:
     from .requests import Req
 
-__all__ = ["Views"]
+__all__ = ["Views", "NODE"]
 
-FLOOD_SUSPECT_S = 3.0  # mesh/service.py: suspect_after_s
-FLOOD_DEAD_S = 8.0  # mesh/service.py: dead_after_s
+NODE = MeshConfig()
+"""The node's defaults: every node of the simulation runs with them."""
+FLOOD_SUSPECT_S = NODE.suspect_after_s  # a small swarm's PeerTable limits (MeshConfig)
+FLOOD_DEAD_S = NODE.dead_after_s
+FRAME_TIMEOUT_S = NODE.timing.frame_timeout_s  # what a failure costs (PeerView.peers)
+PING_INTERVAL_S = NODE.ping_interval_s  # mesh/latency.py pings each connected peer this often
+PING_BYTES = 32 + 40  # the ping's payload, yamux + noise framing
+FACTS_CACHE_MAX = 100_000  # peer facts kept for reuse (a few per peer and standing)
 DEAD = PeerState.DEAD
 
 
@@ -37,27 +49,79 @@ class Views:
         s, e = self.s, req.entry
         if s.model[e] != req.model or s.leaving[e]:
             return []
-        return [Place(e, True, s.speed[e], len(s.queue[e]), 1 if s.running[e] >= 0 else 0,
-                      s.max_queue)]
+        name = self.model_names[req.model]
+        return [Place(e, self.router.local_facts(name, e, s.speed[e], len(s.queue[e]),
+                                                 1 if s.running[e] >= 0 else 0, s.max_queue,
+                                                 s.wire.jurisdiction[e]), s.speed[e])]
 
     def _rank_and_try(self, req: Req, places: list[Place]) -> None:
         tr = self.tr
         req.ranked = self.router.rank(self.model_names[req.model], tr.max_tokens[req.rid],
                                       tr.prompt[req.rid], places, self.loop.now_ms())
-        req.claims = {p.node: (p.claimed, p.queue_depth, p.active_jobs) for p in places}
+        req.claims = {p.node: (p.claimed, p.facts.queue_depth, p.facts.active_jobs)
+                      for p in places}
         req.places = {p.node: p for p in places}
         self._try(req, 0)
 
-    def _speed(self, e: int, node: int, claimed: float) -> tuple[float, float, float]:
-        """(speed to plan with, trust, expected ms lost to failures) for a peer, after what
-        this node's jobs there showed (reputation)."""
-        if not self.r.reputation:
-            return claimed, 1.0, 0.0
-        st = self.standing[e].get(node)
-        if st is None:
-            return claimed, 1.0, 0.0
-        return (effective_speed(st, claimed), trust(st),
-                failure_penalty_ms(st, self.s.sc.malicious.drop_timeout_s * 1000.0))
+    def _facts(self, e: int, c: int, advert: CapabilityAdvert, state: str,
+               rtt_ms: float = 0.0, cache: bool = True) -> PeerFacts:
+        """Peer c as node e's routing sees it: the node's own ``peer_facts`` of the advert e
+        holds, with e's standing there (reputation) and the round trip e measured.  Cached
+        while those are the same (``PeerView.peers`` caches per advert and standing too);
+        ``cache=False`` for an advert seen once (a probe's answer)."""
+        standing = self.standing[e].get(c) if self.r.reputation else None
+        if not cache:
+            return peer_facts(self.router.id(c), advert, state, standing, FRAME_TIMEOUT_S,
+                              rtt_ms)
+        key = (c, state, standing)
+        cached = self.facts_cache.get(key)
+        if cached is None or cached[0] is not advert or cached[1] != rtt_ms:
+            if len(self.facts_cache) >= FACTS_CACHE_MAX:  # old standings' entries
+                self.facts_cache.clear()
+            cached = self.facts_cache[key] = (advert, rtt_ms, peer_facts(
+                self.router.id(c), advert, state, standing, FRAME_TIMEOUT_S, rtt_ms))
+        return cached[2]
+
+    def _place(self, e: int, c: int, advert: CapabilityAdvert, state: str,
+               rtt_ms: float = 0.0, cache: bool = True) -> Place:
+        claimed = advert.models[0].tokens_per_s if advert.models else 0.0
+        return Place(c, self._facts(e, c, advert, state, rtt_ms, cache), claimed)
+
+    def _member_advert(self, c: int) -> CapabilityAdvert:
+        """What a node that is no observer holds of peer c: its membership advert (what it
+        serves and the speed it claims; no load: large swarms do not flood it)."""
+        advert = self.member_adverts.get(c)
+        if advert is None:
+            s = self.s
+            advert = self.member_adverts[c] = s.wire.advert(
+                c, 0, tokens_per_s=s.claim_speed[c], queue_depth=0, active_jobs=0,
+                max_queue=s.max_queue)
+        return advert
+
+    # -- measured round trips (mesh/latency.py) -----------------------------------------
+
+    def _connected(self, e: int, c: int) -> None:
+        """e opened a stream to c (a probe, a job): from now on e's ping loop measures the
+        round trip, the first time half a ping interval later (on average)."""
+        if self.r.rtt_latency and c not in self.rtts[e]:
+            self.rtts[e][c] = [self.loop.now - PING_INTERVAL_S / 2, None]
+
+    def _rtt_ms(self, e: int, c: int) -> float:
+        """e's smoothed round trip to c (``smoothed_rtt`` of its pings, one per
+        ``ping_interval_s``; 0 until the first answer, as ``PeerView.peers``).  Pings are
+        folded in lazily, when the value is read: one sample for the intervals since."""
+        if not self.r.rtt_latency:
+            return 0.0
+        got = self.rtts[e].get(c)
+        if got is None:
+            return 0.0
+        now, net = self.loop.now, self.net
+        if now - got[0] >= PING_INTERVAL_S:
+            got[0] = now
+            if self.s.alive[c] and net.reachable(e, c):
+                sample = (net.delay(e, c, PING_BYTES) + net.delay(c, e, PING_BYTES)) * 1000.0
+                got[1] = smoothed_rtt(got[1], sample)
+        return got[1] or 0.0
 
     # -- the flood design ---------------------------------------------------------------
 
@@ -112,10 +176,7 @@ class Views:
             advert = s.hist_a[p][i]
             if not advert.models:
                 continue
-            speed, trust, penalty = self._speed(e, p, advert.models[0].tokens_per_s)
-            places.append(Place(p, False, speed, advert.queue_depth, advert.active_jobs,
-                                advert.max_queue, penalty, trust, state,
-                                advert.models[0].tokens_per_s))
+            places.append(self._place(e, p, advert, state, self._rtt_ms(e, p)))
             ages += now - times[i]
         if self.m.in_window(now) and places:
             self.m.staleness.append(ages / len(places))
@@ -123,7 +184,7 @@ class Views:
 
     def _table_places(self, req: Req) -> list[Place]:
         """An observer's places, straight from its real PeerTable: every peer not DEAD,
-        suspect ones included (as Mesh.peers)."""
+        suspect ones included (as ``PeerView.peers``)."""
         s, e = self.s, req.entry
         name = self.model_names[req.model]
         out = []
@@ -134,17 +195,15 @@ class Views:
             for model in advert.models:
                 if model.name == name:
                     node = s.wire.index[entry.peer_id]
-                    speed, trust, penalty = self._speed(e, node, model.tokens_per_s)
-                    out.append(Place(node, False, speed, advert.queue_depth,
-                                     advert.active_jobs, advert.max_queue, penalty, trust,
-                                     entry.state.value, model.tokens_per_s))
+                    out.append(self._place(e, node, advert, entry.state.value,
+                                           self._rtt_ms(e, node)))
         return out
 
-    # -- the sample design: Mesh.candidates ---------------------------------------------
+    # -- the sample design: PeerView.candidates ------------------------------------------
 
     def _state(self, e: int, c: int) -> str | None:
         """How node e sees peer c: "alive", "suspect", or None (DEAD: not offered, as
-        ``Mesh.peers`` leaves DEAD peers out)."""
+        ``PeerView.peers`` leaves DEAD peers out)."""
         s = self.s
         if e in s.tables:
             entry = s.tables[e].peers.get(s.wire.peer_ids[c])
@@ -156,16 +215,27 @@ class Views:
             return "alive"
         return None if failed[0] is DEAD else failed[0].value
 
-    def _weight(self, e: int, c: int, claimed: float) -> float:
-        """``probing.weight`` of peer c as node e's ``Mesh._weighted`` computes it."""
+    def _held_advert(self, e: int, c: int) -> CapabilityAdvert | None:
+        """The advert of peer c that node e holds: an observer's table entry, else the
+        membership advert."""
+        s = self.s
+        if e in s.tables:
+            entry = s.tables[e].peers.get(s.wire.peer_ids[c])
+            return None if entry is None else entry.advert
+        return self._member_advert(c)
+
+    def _weight(self, e: int, c: int) -> float:
+        """Peer c's weight in node e's draws, as ``PeerView._weighted`` computes it:
+        ``probing.peer_weight`` of the node's ``peer_facts`` of it."""
         state = self._state(e, c)
-        if state is None:
+        advert = None if state is None else self._held_advert(e, c)
+        if advert is None or not advert.models:
             return 0.0
-        speed, trust_, _ = self._speed(e, c, claimed)
-        return weight(speed, trust_, state)
+        return peer_weight(self._facts(e, c, advert, state), advert.models[0].name)
 
     def _pool(self, e: int, m: int) -> tuple[list[int], set[int]]:
-        """This node's pool for model m, redrawn when ``probing.pool_due`` (``Mesh._pool``)."""
+        """This node's pool for model m, redrawn when ``probing.pool_due``
+        (``PeerView._pool``)."""
         s, now_ms = self.s, self.loop.now_ms()
         cached = self.pools.get((e, m))
         if cached is not None and not pool_due(cached[0], now_ms):
@@ -182,8 +252,8 @@ class Views:
     def model_weights(self, e: int, m: int) -> tuple[np.ndarray, np.ndarray]:
         """(members, weights) of a non-observer's pool draw for model m: the vectorised
         form of ``probing.weighted`` (a peer nothing was learned about weighs
-        ``weight(claimed, 1.0, "alive")`` = its claimed speed; the others are computed by
-        ``_weight``); peers it has not heard of yet weigh 0."""
+        ``peer_weight`` of its membership advert's facts = its claimed speed; the others are
+        computed by ``_weight``); peers it has not heard of yet weigh 0."""
         s, now = self.s, self.loop.now
         members = np.array(s.members[m], dtype=np.int64)
         weights = self.claim_np[members].copy() if members.size else np.zeros(0)
@@ -196,7 +266,7 @@ class Views:
         for c in set(self.standing[e]) | set(self.suspect[e]):
             i = pos.get(c)
             if i is not None and c != e and weights[i] > 0.0:
-                weights[i] = self._weight(e, c, s.claim_speed[c])
+                weights[i] = self._weight(e, c)
         return members, weights
 
     def _model_pool(self, e: int, m: int) -> list[int]:
@@ -217,7 +287,6 @@ class Views:
             for model in entry.advert.models:
                 if model.name == name:
                     node = s.wire.index[entry.peer_id]
-                    candidates.append((node, self.keys[node],
-                                       self._weight(e, node, model.tokens_per_s)))
+                    candidates.append((node, self.keys[node], self._weight(e, node)))
         return draw_pool(self.keys[e], candidates, self.r.probes)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 
 from rbee_p2p import __version__
+from rbee_p2p.mesh.settings import MeshConfig, advert_ttl_ms
 from rbee_p2p.protocol.envelope import NONCE_LENGTH, Envelope, Verified, Verifier, seal
 from rbee_p2p.protocol.identity import NodeKey, peer_id_to_str
 from rbee_p2p.protocol.messages import CapabilityAdvert, DeviceInfo, ModelInfo, Price
@@ -31,7 +32,9 @@ from .network import REGIONS
 __all__ = ["Wire", "SWARM", "ADVERT_TTL_MS"]
 
 SWARM = "sim"
-ADVERT_TTL_MS = 13_000  # dead_after + 5 s, as mesh/service.py seals them
+ADVERT_TTL_MS = advert_ttl_ms(MeshConfig().dead_after_s)
+"""A small swarm's advert validity (``Membership.sealed_advert``); ``Wire.ttl_ms`` is the
+one in use (the swarm sets it from its liveness limits, as the node does)."""
 _DEVICE_ID = {"cuda": "cuda:0", "metal": "metal:0", "rocm": "rocm:0", "cpu": "cpu"}
 
 
@@ -52,6 +55,7 @@ class Wire:
         self._nonce = 0
         self.sealed = 0
         self.verified_count = 0
+        self.ttl_ms = ADVERT_TTL_MS
 
     def _parts(self, node: int) -> tuple[tuple[str, ...], tuple[DeviceInfo, ...]]:
         parts = self._static[node]
@@ -97,7 +101,7 @@ class Wire:
     def seal(self, node: int, advert: CapabilityAdvert, now_ms: int) -> bytes:
         self._nonce += 1
         self.sealed += 1
-        return seal(self.keys[node], advert, now_ms=now_ms, ttl_ms=ADVERT_TTL_MS,
+        return seal(self.keys[node], advert, now_ms=now_ms, ttl_ms=self.ttl_ms,
                     nonce=self._nonce.to_bytes(NONCE_LENGTH, "big"))
 
     def envelope(self, sender: int, advert: CapabilityAdvert, sent_ms: int) -> bytes | None:
@@ -117,7 +121,7 @@ class Wire:
                 data, now_ms, expect=CapabilityAdvert, sender=self.peer_ids[sender])
             return verified
         env = Envelope(version=1, type=CapabilityAdvert.TYPE, sender=self.peer_ids[sender],
-                       issued_at=sent_ms, expires_at=sent_ms + ADVERT_TTL_MS,
+                       issued_at=sent_ms, expires_at=sent_ms + self.ttl_ms,
                        nonce=bytes(NONCE_LENGTH), payload={}, signature=bytes(64), raw=b"")
         return Verified(env, advert)
 

@@ -1,6 +1,7 @@
 """Measured round trips to peers: a libp2p ping (``/ipfs/ping/1.0.0``, answered by every
 py-libp2p host) to each connected peer in the table every ``interval`` seconds, at most
-``concurrency`` at a time, smoothed (EWMA) into what routing sees as ``latency_ms``."""
+``concurrency`` at a time, smoothed (an EWMA: ``routing.places.smoothed_rtt``, which the
+simulator runs too) into what routing sees as ``latency_ms``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Callable, Container, Iterable
 
 import trio
 
+from ..routing.places import RTT_ALPHA, smoothed_rtt
 from .frames import end_quietly
 from .settings import short
 
@@ -17,7 +19,7 @@ __all__ = ["Latency", "PING_ID", "ALPHA"]
 log = logging.getLogger(__name__)
 
 PING_ID = "/ipfs/ping/1.0.0"
-ALPHA = 0.3
+ALPHA = RTT_ALPHA
 """Weight of a new sample in the smoothed round trip."""
 
 
@@ -34,8 +36,7 @@ class Latency:
         self.pings = {"sent": 0, "answered": 0, "failed": 0}
 
     def record(self, peer: bytes, ms: float) -> None:
-        before = self.rtt.get(peer)
-        self.rtt[peer] = ms if before is None else before + ALPHA * (ms - before)
+        self.rtt[peer] = smoothed_rtt(self.rtt.get(peer), ms)
 
     def ms(self, peer: bytes) -> float | None:
         return self.rtt.get(peer)

@@ -16,7 +16,7 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey
 from ..protocol.messages import CapabilityAdvert, Price
 from ..protocol.peers import PeerEntry, PeerState, PeerTable
-from .settings import (LocalInfo, MeshConfig, advert_topic, liveness_s, now_ms,
+from .settings import (LocalInfo, MeshConfig, advert_topic, advert_ttl_ms, liveness_s, now_ms,
                        reminder_interval_s, short)
 
 __all__ = ["Membership"]
@@ -66,8 +66,7 @@ class Membership:
         """Our advert, signed, valid a little longer than a peer waits before it calls us
         dead."""
         _, dead = liveness_s(self.config, reminder_interval_s(self.config, len(self.table.peers)))
-        return seal(self.key, self.advert(), now_ms=now_ms(),
-                    ttl_ms=min(int(dead * 1000) + 5000, 600_000))
+        return seal(self.key, self.advert(), now_ms=now_ms(), ttl_ms=advert_ttl_ms(dead))
 
     def membership(self) -> tuple[Any, ...]:
         """What a large swarm floods at once: where we are and what we serve (not load)."""

@@ -14,13 +14,13 @@ from libp2p.peer.id import ID
 from ..dispatch.request import Request
 from ..protocol.envelope import Verifier
 from ..protocol.identity import NodeKey, peer_id_to_str
-from ..protocol.messages import CapabilityAdvert, Price
+from ..protocol.messages import CapabilityAdvert
 from ..protocol.peers import PeerState
-from ..routing import DeviceFacts, ModelFacts, PeerFacts, RequestFacts
+from ..routing import PeerFacts, RequestFacts
+from ..routing.places import peer_facts
 from ..routing.probing import (admit_by_ms, decided, draw_pool, draw_probes, pool_due, to_rank,
                                weighted)
-from ..routing.reputation import (Standing, after_failure, after_refusal, after_result,
-                                  effective_speed, failure_penalty_ms, trust)
+from ..routing.reputation import Standing, after_failure, after_refusal, after_result
 from ..routing.sampling import peer_key
 from .frames import FrameStream, end_quietly
 from .latency import Latency
@@ -28,7 +28,7 @@ from .membership import Membership
 from .remote import RemoteJob
 from .settings import MAX_MODELS, PROBE_ID, Capped, MeshConfig, now_ms, short
 
-__all__ = ["PeerView", "peer_facts"]
+__all__ = ["PeerView"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class PeerView:
             version = (entry.advert.seq, entry.state, standing, rtt)
             cached = self._facts.get(entry.peer_id)
             if cached is None or cached[0] != version:
-                cached = (version, peer_facts(entry.peer_id, entry.advert, entry.state.value,
-                                              standing, self.config.timing.frame_timeout_s,
-                                              rtt or 0.0))
+                cached = (version, peer_facts(peer_id_to_str(entry.peer_id), entry.advert,
+                                              entry.state.value, standing,
+                                              self.config.timing.frame_timeout_s, rtt or 0.0))
                 self._facts[entry.peer_id] = cached
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
@@ -247,25 +247,3 @@ class PeerView:
         """It said it had room, then refused ("busy")."""
         self.standings[peer_id] = after_refusal(self.standings.get(peer_id, Standing()))
 
-
-def peer_facts(peer_id: bytes, advert: CapabilityAdvert, state: str, standing: Standing | None,
-               timeout_s: float, rtt_ms: float = 0.0) -> PeerFacts:
-    """What routing sees of a peer: its advert, with the speed it claims discounted by how
-    it kept its word so far, and as latency the measured round trip plus the time its
-    failures are expected to cost."""
-    s = standing or Standing()
-    return PeerFacts(
-        id=peer_id_to_str(peer_id),
-        models=tuple(ModelFacts(m.name, m.modality, effective_speed(s, m.tokens_per_s),
-                                m.device, _price(m.price)) for m in advert.models),
-        devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
-                      for d in advert.devices),
-        queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
-        max_queue=advert.max_queue, jurisdiction=advert.jurisdiction,
-        price=advert.price.output_per_mtok, state=state, reputation=trust(s),
-        latency_ms=rtt_ms + failure_penalty_ms(s, timeout_s * 1000))
-
-
-def _price(price: Price | None) -> tuple[int, int, int] | None:
-    return None if price is None else (price.input_per_mtok, price.output_per_mtok,
-                                       price.per_image)

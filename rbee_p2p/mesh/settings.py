@@ -12,10 +12,11 @@ from ..protocol.cadence import (BUDGET_PER_S, CEILING_MS, liveness_limits_ms,
                                 membership_interval_ms)
 from ..protocol.identity import peer_id_to_str
 from ..protocol.messages import DeviceInfo, ModelInfo
+from ..routing.probing import PROBE_TIMEOUT_MS
 from .executor import Timing, now_ms
 
 __all__ = ["MeshConfig", "LocalInfo", "advert_topic", "rendezvous_key", "PROBE_ID", "now_ms",
-           "reminder_interval_s", "liveness_s", "Capped", "MAX_MODELS", "short"]
+           "reminder_interval_s", "liveness_s", "advert_ttl_ms", "Capped", "MAX_MODELS", "short"]
 
 MAX_MODELS = 1024
 """Models remembered per node for routing (pools, large-swarm flags): requests name them."""
@@ -44,7 +45,7 @@ class MeshConfig:
     advert_budget: float = BUDGET_PER_S  # large swarms: reminders a second, swarm-wide
     probe_above: int = 32  # more peers than this serve a model: sample and probe
     probes: int = 8  # candidates probed per request
-    probe_timeout_s: float = 0.25
+    probe_timeout_s: float = PROBE_TIMEOUT_MS / 1000  # decide by then (the simulator's too)
     max_peers: int = 4096  # the peer table's cap: dead peers make room, then new ones wait
     ping_interval_s: float = 5.0  # latency: one ping per connected peer this often
     ping_concurrency: int = 4  # ... at most this many at once
@@ -89,6 +90,12 @@ def liveness_s(config: MeshConfig, interval_s: float) -> tuple[float, float]:
     (suspect after three missed reminders, dead after six)."""
     suspect, dead, _ = liveness_limits_ms(int(interval_s * 1000))
     return max(config.suspect_after_s, suspect / 1000), max(config.dead_after_s, dead / 1000)
+
+
+def advert_ttl_ms(dead_after_s: float) -> int:
+    """How long our sealed advert stays valid: a little (5 s) longer than a peer waits
+    before it calls us dead, at most 10 minutes (what a Verifier accepts)."""
+    return min(int(dead_after_s * 1000) + 5000, 600_000)
 
 
 class short:

@@ -1,12 +1,14 @@
 """How a large-swarm node finds its candidates and how executors admit their jobs (pure).
 
-One implementation, called by the node's mesh (``rbee_p2p/mesh/service.py``: ``candidates``,
-``_weighted``, ``_pool``, ``_admit_by``) and by the simulator (``simulations/requests.py``),
+One implementation, called by the node's mesh (``rbee_p2p/mesh/peers.py``, ``PeerView``:
+``candidates``, ``_weighted``, ``_pool``, ``_admit_by``; the executor's check in
+``Dispatcher.run_here``) and by the simulator (``simulations/requests.py``, ``views.py``),
 so what the simulator measures is what the node does:
 
-1. **weights** (:func:`weight`, :func:`weighted`): a peer's weight is the speed it advertises
-   for the model (already discounted by its standing, ``reputation.effective_speed``) times
-   its trust, a quarter of that while it is suspect;
+1. **weights** (:func:`weight`, :func:`peer_weight`, :func:`weighted`): a peer's weight is
+   the speed it advertises for the model (already discounted by its standing:
+   ``places.peer_facts``, ``reputation.effective_speed``) times its trust, a quarter of that
+   while it is suspect;
 2. **the pool** (:func:`draw_pool`, :func:`pool_due`): ``POOL_PER_PROBE x probes`` peers per
    model, drawn with this node's own key as the salt (``sampling.pool``), redrawn when it is
    older than ``POOL_REDRAW_MS``;
@@ -33,7 +35,8 @@ from .policy import expected_ms
 from .sampling import pick, pool
 
 __all__ = ["POOL_PER_PROBE", "POOL_REDRAW_MS", "SUSPECT_WEIGHT", "QUORUM", "PROBE_TIMEOUT_MS",
-           "ADMIT_SLACK", "ADMIT_MARGIN_MS", "weight", "weighted", "pool_size", "pool_due",
+           "ADMIT_SLACK", "ADMIT_MARGIN_MS", "weight", "peer_weight", "weighted", "pool_size",
+           "pool_due",
            "draw_pool", "draw_probes", "quorum", "decided", "to_rank", "admit_by_ms",
            "refuses"]
 
@@ -48,7 +51,7 @@ SUSPECT_WEIGHT = 0.25
 QUORUM = 0.5
 """Decide once this share of the probed peers answered (the nearer ones answer first)."""
 PROBE_TIMEOUT_MS = 250
-"""... or this long after the probes went out."""
+"""... or this long after the probes went out (``MeshConfig.probe_timeout_s``'s default)."""
 ADMIT_SLACK = 1.25
 """The executor may be this much later than the requester's estimate ..."""
 ADMIT_MARGIN_MS = 250
@@ -60,10 +63,15 @@ def weight(speed: float, reputation: float, state: str) -> float:
     return speed * reputation * (1.0 if state == "alive" else SUSPECT_WEIGHT)
 
 
+def peer_weight(peer: PeerFacts, model: str) -> float:
+    """:func:`weight` of what routing sees of a peer (``places.peer_facts``) for ``model``."""
+    return weight(peer.speed(model), peer.reputation, peer.state)
+
+
 def weighted(peers: Iterable[PeerFacts], model: str,
              key: Callable[[PeerFacts], int]) -> list[tuple[PeerFacts, int, float]]:
-    """(peer, its sampling key, its :func:`weight` for ``model``) for each peer."""
-    return [(p, key(p), weight(p.speed(model), p.reputation, p.state)) for p in peers]
+    """(peer, its sampling key, its :func:`peer_weight` for ``model``) for each peer."""
+    return [(p, key(p), peer_weight(p, model)) for p in peers]
 
 
 def pool_size(probes: int) -> int:

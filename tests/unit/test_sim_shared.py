@@ -1,5 +1,6 @@
-"""The simulator runs the node's code: sampling, probing, admission and reputation are the
-very functions the node's mesh calls, and both compose them the same way."""
+"""The simulator runs the node's code: peer facts, sampling, probing, admission and
+reputation are the very functions the node's mesh calls, both compose them the same way,
+and the simulator's constants are the node's defaults."""
 
 import math
 import os
@@ -9,34 +10,49 @@ import pytest
 import trio
 import trio.testing
 
+import ast
+import dataclasses
+from pathlib import Path
+
+import rbee_p2p.mesh.latency as latency
+import rbee_p2p.mesh.membership as membership
 import rbee_p2p.mesh.peers as service  # where the mesh draws, probes and learns
+import rbee_p2p.mesh.settings as settings
 import rbee_p2p.routing as routing
+from rbee_p2p.mesh.executor import Timing
 from rbee_p2p.mesh.service import Mesh, MeshConfig
 from rbee_p2p.protocol.envelope import Verifier
 from rbee_p2p.protocol.identity import NodeKey
-from rbee_p2p.protocol.peers import PeerState
-from rbee_p2p.routing import ModelFacts, PeerFacts, RequestFacts, probing, reputation, sampling
+from rbee_p2p.protocol.peers import PeerState, PeerTable
+from rbee_p2p.routing import (ModelFacts, PeerFacts, RequestFacts, places, probing, reputation,
+                              sampling)
 from rbee_p2p.routing.reputation import Standing
 from simulations import policy as sim_policy
 from simulations import requests as sim_requests
+from simulations import scenario as sim_scenario
+from simulations import swarm as sim_swarm
 from simulations import views as sim_views
+from simulations import wire as sim_wire
+from simulations.runner import run
 from simulations.scenario import parse
 from simulations.swarm import Swarm
 from simulations.world import build_world
 
+SIM = (sim_requests, sim_views, sim_policy, sim_swarm, sim_wire, sim_scenario)
 SHARED = {
+    places: ["peer_facts", "smoothed_rtt"],
     probing: ["admit_by_ms", "refuses", "draw_pool", "draw_probes", "pool_due", "quorum",
-              "to_rank", "weight", "pool_size"],
-    reputation: ["after_result", "after_failure", "after_refusal", "effective_speed", "trust",
-                 "failure_penalty_ms", "Standing"],
+              "to_rank", "peer_weight", "pool_size", "PROBE_TIMEOUT_MS"],
+    reputation: ["after_result", "after_failure", "after_refusal", "Standing"],
     sampling: ["peer_key"],
-    routing: ["RequestFacts"],
+    routing: ["RequestFacts", "decide", "fastest", "expected_ms"],
+    settings: ["MeshConfig", "liveness_s", "advert_ttl_ms"],
 }
 
 
 @pytest.mark.parametrize("module,name", [(m, n) for m, names in SHARED.items() for n in names])
 def test_the_simulator_calls_the_very_functions_of_rbee_p2p_routing(module, name):
-    used = [m for m in (sim_requests, sim_views) if name in vars(m)]
+    used = [m for m in SIM if name in vars(m)]
     assert used and all(getattr(m, name) is getattr(module, name) for m in used)
 
 
@@ -46,6 +62,93 @@ def test_the_node_calls_them_too():
         assert getattr(service, name) is getattr(probing, name)
     for name in ["after_result", "after_failure", "after_refusal"]:
         assert getattr(service, name) is getattr(reputation, name)
+    assert service.peer_facts is places.peer_facts is sim_views.peer_facts
+    assert latency.smoothed_rtt is places.smoothed_rtt is sim_views.smoothed_rtt
+    assert membership.advert_ttl_ms is settings.advert_ttl_ms is sim_swarm.advert_ttl_ms
+
+
+def test_no_copy_of_the_reputation_arithmetic_or_the_peer_facts_comes_back():
+    """Only ``places.peer_facts`` turns an advert and a standing into facts: the simulator
+    names none of its parts, and builds PeerFacts only for a node itself."""
+    root = Path(sim_views.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and (n.module or "").startswith("rbee_p2p") for a in n.names}
+        modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"effective_speed", "trust", "failure_penalty_ms", "weight",
+                               "reputation"}, path
+        assert not {m for m in modules if m.startswith("rbee_p2p.routing")}, path
+        built = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Name) and n.func.id == "PeerFacts"]
+        assert all(any(k.arg == "local" and isinstance(k.value, ast.Constant)
+                       and k.value.value is True for k in n.keywords) for n in built), path
+
+
+def spy_on_peer_facts(monkeypatch):
+    """Record every PeerFacts the simulator's ranking sees and every one peer_facts made."""
+    made, args, ranked = [], [], []
+
+    def spy(*a, **kw):
+        facts = places.peer_facts(*a, **kw)
+        made.append(facts)
+        args.append(a)
+        return facts
+
+    rank = sim_policy.Router.rank
+
+    def ranking(self, model, max_tokens, prompt_tokens, where, now_ms=0):
+        ranked.extend(p.facts for p in where)
+        return rank(self, model, max_tokens, prompt_tokens, where, now_ms)
+
+    monkeypatch.setattr(sim_views, "peer_facts", spy)
+    monkeypatch.setattr(sim_policy.Router, "rank", ranking)
+    return made, args, ranked
+
+
+@pytest.mark.parametrize("mode", ["sample", "flood"])
+def test_every_peer_the_simulator_ranks_is_the_nodes_peer_facts(monkeypatch, mode):
+    made, args, ranked = spy_on_peer_facts(monkeypatch)
+    sc = parse({"nodes": 30, "duration_s": 8, "warmup_s": 2, "sim": {"crypto": "fast"},
+                "routing": {"mode": mode, "probes": 8}})
+    run(sc)
+    ids = {id(f) for f in made}
+    peers = [f for f in ranked if not f.local]
+    assert peers and all(id(f) in ids for f in peers)
+    assert {a[4] for a in args} == {MeshConfig().timing.frame_timeout_s}  # a failure's cost
+    if mode == "sample":  # probed peers are pinged: the round trip is in latency_ms
+        assert any(f.latency_ms > 0 for f in peers)
+
+
+def test_the_simulators_constants_are_the_nodes_defaults():
+    node = MeshConfig()
+    table = {f.name: f.default for f in dataclasses.fields(PeerTable)}
+    assert (sim_views.FLOOD_SUSPECT_S, sim_views.FLOOD_DEAD_S) == (node.suspect_after_s,
+                                                                    node.dead_after_s)
+    assert sim_views.FRAME_TIMEOUT_S == Timing().frame_timeout_s
+    assert sim_views.PING_INTERVAL_S == node.ping_interval_s
+    assert sim_wire.ADVERT_TTL_MS == settings.advert_ttl_ms(node.dead_after_s)
+    assert node.probe_timeout_s * 1000 == probing.PROBE_TIMEOUT_MS
+    defaults = sim_scenario.Scenario()
+    assert defaults.routing.probe_wait_s == node.probe_timeout_s
+    assert defaults.routing.rtt_latency  # the node measures round trips
+    assert defaults.routing.deadline_s == node.timing.deadline_s
+    assert defaults.routing.stream_timeout_s == node.timing.frame_timeout_s
+    assert defaults.malicious.drop_timeout_s == node.timing.frame_timeout_s
+    assert defaults.gossip.advert_interval_s == node.advert_interval_s
+    assert defaults.gossip.membership_budget_per_s == node.advert_budget
+    for mode in ("flood", "sample"):
+        sc = parse({"nodes": 80, "duration_s": 4, "warmup_s": 1, "sim": {"crypto": "fast"},
+                    "routing": {"mode": mode}})
+        s = Swarm(sc, build_world(sc))
+        s._choose_observers()
+        t = next(iter(s.tables.values()))
+        want = (node.suspect_after_s, node.dead_after_s)
+        if mode == "sample":
+            want = settings.liveness_s(node, s._interval_ms() / 1000)
+        assert (t.suspect_after_ms, t.dead_after_ms) == tuple(int(x * 1000) for x in want)
+        assert t.forget_after_ms == table["forget_after_ms"]
+        assert s.wire.ttl_ms == settings.advert_ttl_ms(want[1])
 
 
 def test_policy_decisions_are_the_nodes_built_in_policy():
@@ -143,7 +246,7 @@ def test_a_non_observers_pool_is_probing_draw_pool_on_the_nodes_weights():
     req.standing[e][others[1]] = Standing(pace=0.3, jobs=3)
     req.suspect[e][others[2]] = (PeerState.SUSPECT, 0.0)
     req.suspect[e][others[3]] = (PeerState.DEAD, 0.0)
-    pure = probing.draw_pool(req.keys[e], [(c, req.keys[c], req._weight(e, c, s.claim_speed[c]))
+    pure = probing.draw_pool(req.keys[e], [(c, req.keys[c], req._weight(e, c))
                                            for c in s.members[m] if c != e], s.sc.routing.probes)
     assert req._model_pool(e, m) == pure
     members, weights = req.model_weights(e, m)
