@@ -20,7 +20,7 @@ from .base import Completion, Embeddings, ModelCard, Prepared, TextEngine, TextR
 from .modelthread import ModelThread
 
 __all__ = ["LlamaSettings", "LlamaEngine", "BATCH_TOKENS", "BATCH_SECONDS", "PREFILL_CHUNK",
-           "available_cores", "plan_reuse"]
+           "PREFILL_CHUNK_GPU", "available_cores", "plan_reuse"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ prompt is batched exactly as on a fresh node.  Sampled requests (a seed too) reu
 cached prefix: re-evaluating a shared prefix costs about 2 ms a token on 2 CPU cores, and
 a seeded answer changes only when the perturbation moves a sampled token across the
 random draw (README "Repeatable answers")."""
+PREFILL_CHUNK_GPU = 512
+"""The same with layers on a GPU, where small batches waste most of the device and
+re-evaluating up to 511 tokens of a conversation takes milliseconds (llama.cpp's default)."""
 
 
 def available_cores() -> int:
@@ -61,6 +64,10 @@ class LlamaSettings:
     def n_threads(self) -> int:
         return self.threads or available_cores()
 
+    @property
+    def prefill_chunk(self) -> int:
+        return PREFILL_CHUNK_GPU if self.gpu_layers else PREFILL_CHUNK
+
 
 def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters of ``text`` could begin a stop string (must be held)."""
@@ -74,11 +81,10 @@ def _stop_hold(text: str, stops: tuple[str, ...]) -> int:
 
 
 def plan_reuse(cached: Sequence[int], prompt: Sequence[int], aligned: int,
-               repeatable: bool) -> tuple[int, int]:
+               repeatable: bool, chunk: int = PREFILL_CHUNK) -> tuple[int, int]:
     """How many leading cached tokens a request for ``prompt`` keeps, and the new count of
-    leading positions equal to a fresh chunked prefill's (``aligned``; see PREFILL_CHUNK).
-
-    At least one prompt token is always evaluated (fresh logits to sample from)."""
+    leading positions equal to a fresh prefill in batches of ``chunk`` (``aligned``; see
+    PREFILL_CHUNK).  At least one prompt token is always evaluated (fresh logits)."""
     common = 0
     for a, b in zip(cached, prompt):
         if a != b:
@@ -86,10 +92,10 @@ def plan_reuse(cached: Sequence[int], prompt: Sequence[int], aligned: int,
         common += 1
     keep = min(common, len(prompt) - 1)
     if repeatable:
-        keep = min(keep - keep % PREFILL_CHUNK, aligned)
-    if keep % PREFILL_CHUNK == 0 and keep <= aligned:  # the rest is evaluated chunk-aligned
-        return keep, len(prompt) - len(prompt) % PREFILL_CHUNK
-    return keep, min(aligned, keep - keep % PREFILL_CHUNK)
+        keep = min(keep - keep % chunk, aligned)
+    if keep % chunk == 0 and keep <= aligned:  # the rest is evaluated chunk-aligned
+        return keep, len(prompt) - len(prompt) % chunk
+    return keep, min(aligned, keep - keep % chunk)
 
 
 class LlamaEngine(TextEngine):
@@ -115,7 +121,7 @@ class LlamaEngine(TextEngine):
             from llama_cpp import Llama
 
             return Llama(str(path), n_ctx=settings.context, n_threads=settings.n_threads,
-                         n_threads_batch=settings.n_threads, n_batch=PREFILL_CHUNK,
+                         n_threads_batch=settings.n_threads, n_batch=settings.prefill_chunk,
                          n_gpu_layers=settings.gpu_layers,
                          main_gpu=settings.main_gpu, verbose=False,
                          **({} if settings.split_mode is None else
@@ -194,7 +200,8 @@ class LlamaEngine(TextEngine):
 
         vocab = llm._model.vocab
         keep, self._aligned = plan_reuse(llm.input_ids[: llm.n_tokens], prepared.prompt_tokens,
-                                         self._aligned, repeatable=req.temperature == 0)
+                                         self._aligned, repeatable=req.temperature == 0,
+                                         chunk=self._settings.prefill_chunk)
         llm.n_tokens = min(llm.n_tokens, keep)  # generate() evaluates the prompt from here
         tokens = llm.generate(
             prepared.prompt_tokens, temp=req.temperature, top_p=req.top_p, top_k=40,

@@ -46,3 +46,13 @@ def test_positions_evaluated_out_of_step_are_not_reused_by_a_repeatable_request(
 def test_a_divergence_inside_a_chunk_rounds_the_reuse_down():
     a, b = prompt(3 * C), prompt(C + 10) + prompt(2 * C, start=10_000)
     assert plan_reuse(a, b, 3 * C, True) == (C, 3 * C)
+
+
+def test_on_a_gpu_the_chunks_are_llama_cpps_default_batch():
+    from rbee_p2p.engines.llama import PREFILL_CHUNK_GPU, LlamaSettings
+
+    assert LlamaSettings().prefill_chunk == C
+    assert LlamaSettings(gpu_layers=-1).prefill_chunk == PREFILL_CHUNK_GPU == 512
+    p = prompt(600)
+    assert plan_reuse(p, p, 512, True, chunk=512) == (512, 512)
+    assert plan_reuse(p, p, 512, True) == (512, 576)  # in 64-token chunks 576 are in step
