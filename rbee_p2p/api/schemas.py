@@ -64,6 +64,9 @@ def parse_json(body: bytes) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    except RecursionError:  # e.g. 200,000 nested arrays: a 400, not a 500
+        raise InvalidRequest("We could not parse the JSON body of your request: it is nested "
+                             "too deeply.") from None
     if not isinstance(value, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return value

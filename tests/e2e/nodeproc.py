@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+READY = re.compile(r"^serving .* on http", re.M)  # not "serving a scripted model ..."
 
 
 class NodeProcess:
@@ -52,7 +56,7 @@ class NodeProcess:
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "serving " in self.output():
+            if READY.search(self.output()):
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()}")
