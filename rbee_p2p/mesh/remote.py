@@ -9,6 +9,7 @@ like a clean EOF); ``frame_timeout`` without any frame means a dead or frozen pe
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,7 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import Cancel, ErrorMessage, InferenceRequest, Receipt, ResultChunk
 from ..protocol.messages import ResultEnd
-from ..protocol.receipts import OutputDigest, verify_receipt
+from ..protocol.receipts import OutputDigest, tokens_in_bound, verify_receipt
 from ..protocol.session import InferenceSession
 from ..routing import satisfies
 from ..store.writer import AuditWriter
@@ -31,6 +32,8 @@ from ..trace import mark
 from .executor import Timing, now_ms
 from .frames import ByteStream, FrameStream, StreamGone
 from .wire import to_wire
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RemoteJob", "OpenStream"]
 
@@ -191,7 +194,12 @@ class RemoteJob:
                                 f"outside the required {self.stamp.residency}")
         self.receipt = receipt
         self.receipt_raw = end.receipt
-        self.completion.prompt_tokens = receipt.tokens_in
+        bound = tokens_in_bound(self.request)
+        if receipt.tokens_in > bound:  # charged at our count, the claim held against it
+            log.warning("peer %s… claims %d prompt tokens for a request of at most %d",
+                        peer_id_to_str(self.where)[:16], receipt.tokens_in, bound)
+            self._failed()
+        self.completion.prompt_tokens = min(receipt.tokens_in, bound)
         self.completion.completion_tokens = receipt.tokens_out
         self.completion.finish_reason = end.finish_reason
 

@@ -21,6 +21,7 @@ __all__ = [
     "Replayed",
     "Misdirected",
     "IllegalTransition",
+    "Overrun",
     "ChainBroken",
 ]
 
@@ -93,6 +94,12 @@ class IllegalTransition(ProtocolError):
     """A message arrived that the session's state machine does not allow now."""
 
     reason = "illegal_transition"
+
+
+class Overrun(ProtocolError):
+    """A peer sent more output than the request allows (tokens, text or data bytes)."""
+
+    reason = "overrun"
 
 
 class ChainBroken(ProtocolError):

@@ -21,7 +21,24 @@ __all__ = [
     "verify_receipt",
     "countersign",
     "verify_countersign",
+    "tokens_in_bound",
 ]
+
+
+TEMPLATE_TOKENS = 512
+"""Tokens a chat template may add around the messages (role markers, a default system
+prompt: SmolLM2's is about 20), plus ``TURN_TOKENS`` a message."""
+TURN_TOKENS = 16
+
+
+def tokens_in_bound(request: InferenceRequest) -> int:
+    """The most prompt tokens ``request`` can be: byte-level tokenizers make at most one
+    token a UTF-8 byte, plus the template's.  A receipt claiming more is not believed: the
+    requester charges this bound (and counts the claim against the peer)."""
+    texts = [t.content for t in request.messages or ()]
+    texts += [request.prompt or ""] + list(request.inputs or ())
+    return (sum(len(t.encode()) for t in texts) + TURN_TOKENS * len(request.messages or ())
+            + TEMPLATE_TOKENS)
 
 
 def digest(data: bytes) -> bytes:

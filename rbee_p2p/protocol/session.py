@@ -5,6 +5,11 @@ sent or received in the session and raises :class:`IllegalTransition` for a move
 does not allow, or :class:`Misdirected` for a message of another session or signer.  The
 requester may cancel at any time before the end; the executor then still ends the session
 with ``ResultEnd`` (finish_reason "cancelled") or an ``ErrorMessage``.
+
+The output is bounded by the request: text by its ``max_tokens`` (the executor's own token
+counts) and by ``MAX_TOKEN_BYTES`` a token (the text itself, whatever the counts say), data
+by ``MAX_ITEM_BYTES`` per item asked for.  A chunk past a bound raises :class:`Overrun`: the
+requester cuts the stream (a peer ignoring ``max_tokens`` cannot flood it).
 """
 
 from __future__ import annotations
@@ -12,10 +17,18 @@ from __future__ import annotations
 from enum import Enum
 from typing import Mapping
 
-from .errors import IllegalTransition, Misdirected
+from .errors import IllegalTransition, Misdirected, Overrun
 from .messages import Cancel, ErrorMessage, InferenceRequest, Message, ResultChunk, ResultEnd
 
-__all__ = ["SessionState", "TRANSITIONS", "InferenceSession"]
+__all__ = ["SessionState", "TRANSITIONS", "InferenceSession", "MAX_TOKEN_BYTES",
+           "MAX_ITEM_BYTES"]
+
+MAX_TOKEN_BYTES = 128
+"""The most text one generated token may carry (the longest tokens of common vocabularies
+are well under 64 bytes), plus ``MAX_TOKEN_BYTES`` once for a final flush."""
+MAX_ITEM_BYTES = {"embedding": 1 << 20, "image": 32 << 20}
+"""The most data one embedding vector or one image may take (a 16k-dim float32 vector is
+64 KiB; a 2048x2048 PNG rarely over 12 MiB)."""
 
 
 class SessionState(Enum):
@@ -64,6 +77,10 @@ class InferenceSession:
         self.state = SessionState.IDLE
         self.next_seq = 0
         self.tokens_out = 0
+        self.text_bytes = 0
+        self.data_bytes = 0
+        self.kind = ""
+        self.max_units = 0  # tokens to generate, images or inputs: as the request asked
 
     @property
     def finished(self) -> bool:
@@ -92,7 +109,24 @@ class InferenceSession:
         if must_match and seq != self.next_seq:
             raise IllegalTransition(f"expected seq {self.next_seq}, got {seq}")
         if isinstance(message, ResultChunk):
+            tokens = self.tokens_out + message.tokens
+            text = self.text_bytes + len(message.text.encode())
+            data = self.data_bytes + len(message.data or b"")
+            self._check_output(tokens, text, data)
             self.next_seq += 1
-            self.tokens_out += message.tokens
+            self.tokens_out, self.text_bytes, self.data_bytes = tokens, text, data
+        if isinstance(message, InferenceRequest):
+            self.kind, self.max_units = message.kind, message.max_tokens
         self.state = new
         return new
+
+    def _check_output(self, tokens: int, text: int, data: int) -> None:
+        if not self.kind:
+            return  # the request was not observed (tests of the bare state machine)
+        if self.kind in ("chat", "completion"):
+            if tokens > self.max_units:
+                raise Overrun(f"{tokens} tokens for a request of max_tokens {self.max_units}")
+            if text > (self.max_units + 1) * MAX_TOKEN_BYTES:
+                raise Overrun(f"{text} bytes of text for max_tokens {self.max_units}")
+        elif data > self.max_units * MAX_ITEM_BYTES.get(self.kind, 0):
+            raise Overrun(f"{data} bytes of data for {self.max_units} {self.kind} items")

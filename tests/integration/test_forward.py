@@ -1,5 +1,6 @@
 """Forwarding over an in-memory stream: the executor and the remote job, both real."""
 
+import dataclasses
 import logging
 from contextlib import aclosing
 
@@ -18,6 +19,7 @@ from rbee_p2p.errors import Busy, EngineFailure, InvalidRequest, PeerRefused, Pe
 from rbee_p2p.mesh.executor import Executor, Timing
 from rbee_p2p.mesh.remote import RemoteJob
 from rbee_p2p.protocol.envelope import Verifier
+from rbee_p2p.protocol.receipts import tokens_in_bound
 from rbee_p2p.routing import TenantFacts
 
 A, B = samples.key_a(), samples.key_b()  # A asks, B executes
@@ -70,10 +72,11 @@ def mesh(nursery):
     audits = {"A": Audit(), "B": Audit()}
 
     async def start(c, engine=None, serve=True, scheduler=None, stamp=Stamp(), where="EU",
-                    admit_by_ms=None, prices=None):
+                    admit_by_ms=None, prices=None, server=None):
         engine = engine or ScriptedEngine("fake", script="alpha beta gamma", token_seconds=0.1)
         scheduler = scheduler or Scheduler([engine])
-        server = executor(scheduler=scheduler, where=where, audit=audits["B"], prices=prices)
+        server = server or executor(scheduler=scheduler, where=where, audit=audits["B"],
+                                    prices=prices)
 
         async def open_stream(peer, fresh):
             left, right = trio.testing.memory_stream_pair()
@@ -380,3 +383,39 @@ async def test_the_receipt_charges_the_executors_price_for_the_tokens_it_ran(mes
     unpriced, _, _ = await mesh(call(max_tokens=3), prices={"other": (5, 5, 5)})
     await collect(unpriced)
     assert unpriced.receipt.price == 0
+
+
+async def test_a_peer_ignoring_max_tokens_is_cut_off_and_marked(mesh, autojump_clock):
+    engine = ScriptedEngine("fake", token_seconds=0.1, batch=2)
+    server = executor([engine], where="EU")
+    honest_run = server.run
+
+    def lying_run(request, **kwargs):  # generates 200 tokens whatever was asked
+        text = dataclasses.replace(request.text, max_tokens=200)
+        return honest_run(dataclasses.replace(request, text=text), **kwargs)
+
+    server.run = lying_run
+    job, _, _ = await mesh(call(max_tokens=4), engine=engine, server=server)
+    got = []
+    with pytest.raises(EngineFailure, match="overrun"):
+        async with aclosing(job.batches()) as batches:
+            async for batch in batches:
+                got += batch
+    assert len(got) <= 4 and mesh.failed[-1] == B.peer_id
+    await trio.sleep(5)
+    assert engine.generated < 20  # the executor was told to stop
+
+
+async def test_a_receipt_inflating_the_prompt_is_charged_at_the_entry_nodes_bound(
+        mesh, autojump_clock):
+    class Inflating(ScriptedEngine):
+        async def stream(self, prepared, completion):
+            async for batch in super().stream(prepared, completion):
+                completion.prompt_tokens = 4_000_000_000  # what its receipt will claim
+                yield batch
+
+    job, _, _ = await mesh(call(max_tokens=3), engine=Inflating("fake"))
+    await collect(job)
+    assert job.receipt.tokens_in == 4_000_000_000  # signed, kept as evidence
+    bound = tokens_in_bound(job.request)
+    assert job.completion.prompt_tokens == bound < 1000 and mesh.failed == [B.peer_id]

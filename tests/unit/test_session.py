@@ -3,9 +3,10 @@ import itertools
 import pytest
 import samples
 
-from rbee_p2p.protocol.errors import IllegalTransition, Misdirected
+from rbee_p2p.protocol.errors import IllegalTransition, Misdirected, Overrun
 from rbee_p2p.protocol.messages import Cancel, ErrorMessage, ResultChunk, ResultEnd
-from rbee_p2p.protocol.session import TRANSITIONS, InferenceSession, SessionState
+from rbee_p2p.protocol.session import (MAX_ITEM_BYTES, MAX_TOKEN_BYTES, TRANSITIONS,
+                                       InferenceSession, SessionState)
 
 S = SessionState
 REQ, EXE = samples.key_a().peer_id, samples.key_b().peer_id
@@ -106,3 +107,31 @@ def test_error_seq_when_given_must_be_next():
         session.observe(EXE, bad)
     good = ErrorMessage(code="internal", message="x", request_id=RID, seq=1)
     assert session.observe(EXE, good) is S.FAILED
+
+
+def test_a_peer_sending_more_tokens_than_asked_for_is_cut_and_the_session_is_unchanged():
+    session = run([(REQ, samples.request(EXE, max_tokens=4)), (EXE, chunk(0, 3))])
+    with pytest.raises(Overrun, match="5 tokens for a request of max_tokens 4"):
+        session.observe(EXE, chunk(1, 2))
+    assert (session.tokens_out, session.next_seq) == (3, 1)
+    session.observe(EXE, chunk(1, 1))  # up to the limit is fine
+    assert session.tokens_out == 4
+
+
+def test_text_is_bounded_whatever_the_token_counts_say():
+    session = run([(REQ, samples.request(EXE, max_tokens=4))])
+    big = ResultChunk(request_id=RID, seq=0, text="x" * (5 * MAX_TOKEN_BYTES + 1), tokens=0)
+    with pytest.raises(Overrun, match="bytes of text"):
+        session.observe(EXE, big)
+
+
+def test_data_is_bounded_per_item_asked_for():
+    request = samples.request(EXE, kind="image", max_tokens=1, messages=None, sampling=None,
+                              prompt="a cat")
+    session = run([(REQ, request)])
+    part = ResultChunk(request_id=RID, seq=0, text="0", data=b"\0" * (768 * 1024))
+    for seq in range(MAX_ITEM_BYTES["image"] // len(part.data)):
+        session.observe(EXE, ResultChunk(request_id=RID, seq=seq, text="0", data=part.data))
+    with pytest.raises(Overrun, match="bytes of data for 1 image"):
+        session.observe(EXE, ResultChunk(request_id=RID, seq=session.next_seq, text="0",
+                                         data=part.data))
