@@ -258,10 +258,10 @@ class ImageService:
                 "url_store": len(self.store)}
 
     def register(self, app: Any, get_body: Callable[[], Awaitable[dict[str, Any]]],
-                 tenant: Callable[[], Any], admission: Callable[[Any, str], Any]) -> None:
+                 tenant: Callable[[], Any], admission: Callable[..., Any]) -> None:
         """Add the routes to a quart app.  ``get_body`` reads and parses the request body
         (the app's own helper, with its size limit); ``tenant`` authenticates the caller and
-        ``admission(tenant, model)`` admits the request (Serving.admission)."""
+        ``admission(tenant, model, reserve)`` admits the request (Serving.admission)."""
 
         @app.post("/v1/images/generations")
         async def images_generations() -> Response:
@@ -269,7 +269,7 @@ class ImageService:
             body = await get_body()
             call = parse_images(body, self.limits)
             model = call.model or self.default_model()  # the tenant's allow-list sees it
-            async with admission(who, model) as admitted:
+            async with admission(who, model, len(call.request.prompt)) as admitted:
                 result = await self.generate(call, model, request.host_url, admitted)
             return Response(json.dumps(result), mimetype="application/json")
 

@@ -13,6 +13,7 @@ import logging
 import struct
 import time
 import uuid
+import weakref
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -91,12 +92,13 @@ class Serving:
         return job, "".join(parts)
 
     @asynccontextmanager
-    async def admission(self, tenant: Tenant | None, model: str) -> AsyncIterator[Pass]:
-        """Admit one request of ``tenant`` for ``model`` (quotas, allowed models).  A
-        refusal — here or, for residency and policy, by the dispatcher — is counted and
-        audited, then raised."""
+    async def admission(self, tenant: Tenant | None, model: str,
+                        reserve: int = 0) -> AsyncIterator[Pass]:
+        """Admit one request of ``tenant`` for ``model`` expected to use ``reserve`` tokens
+        (quotas, allowed models).  A refusal — here or, for residency and policy, by the
+        dispatcher — is counted and audited, then raised."""
         try:
-            admitted = self.gate.admit(tenant, model)
+            admitted = self.gate.admit(tenant, model, reserve)
         except Forbidden as exc:
             await self._refused(tenant, model, exc)
             raise
@@ -121,6 +123,8 @@ class Serving:
                                entry_peer=d.peer, error_code="forbidden")
 
     def _finish(self, admitted: Pass, call: Call, job: Job, parts: list[str]) -> None:
+        if admitted.finished:
+            return
         c = job.completion
         tokens = c.prompt_tokens + (c.completion_tokens if call.request.modality == "text" else 0)
         self.gate.finish(admitted, tokens)
@@ -144,9 +148,16 @@ class Serving:
                              "finish_reason": completion.finish_reason}],
                 "usage": _usage(completion), "system_fingerprint": None}
 
-    async def stream(self, call: Call, job: Job, admitted: Pass) -> AsyncIterator[bytes]:
+    def stream(self, call: Call, job: Job, admitted: Pass) -> AsyncIterator[bytes]:
         """SSE events.  Errors after the first byte arrive as an error event before
-        ``[DONE]``.  Closing the iterator (client gone) stops generation within a token."""
+        ``[DONE]``.  Closing the iterator (client gone) stops generation within a token.
+        A body that never starts (the client left while the headers went out) still ends
+        the request for its tenant when it is dropped: its slot and reservation are freed."""
+        events = self._events(call, job, admitted)
+        weakref.finalize(events, self._finish, admitted, call, job, [])
+        return events
+
+    async def _events(self, call: Call, job: Job, admitted: Pass) -> AsyncIterator[bytes]:
         kind = call.request.kind
         head: dict[str, Any] = {"created": int(time.time()), "model": call.model,
                                 "system_fingerprint": None}

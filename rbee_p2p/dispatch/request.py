@@ -101,6 +101,13 @@ class Request:
             return len(self.image.prompt)
         return sum(len(s) for s in self.inputs)
 
+    def tokens_estimate(self) -> int:
+        """Tokens this request may use, erring high (what a tenant's daily quota reserves):
+        what it asks to generate (nothing for images and embeddings) and a token a
+        character of input."""
+        generated = self.text.max_tokens if self.text is not None else 0
+        return generated + self.prompt_chars()
+
     def content(self) -> object:
         """The client's input, for tenants that keep a content log."""
         if self.text is not None:

@@ -33,6 +33,7 @@ class Pass:
     stamp: Stamp
     finished: bool = False
     streaming: bool = False  # the response outlives the handler: the stream finishes it
+    reserved: int = 0  # tokens held against the tenant's daily quota until it finishes
 
     @property
     def keeps_content(self) -> bool:
@@ -84,13 +85,14 @@ class Gate:
             self.unauthorized += 1
             raise
 
-    def admit(self, tenant: Tenant | None, model: str) -> Pass:
-        """Check the tenant's model list and quotas for one request.  Raises Forbidden or
-        QuotaExceeded (counted per tenant)."""
+    def admit(self, tenant: Tenant | None, model: str, reserve: int = 0) -> Pass:
+        """Check the tenant's model list and quotas for one request expected to use
+        ``reserve`` tokens.  Raises Forbidden or QuotaExceeded (counted per tenant)."""
         if tenant is None:
             return Pass(None, Stamp())
-        self.quotas.admit(tenant, model, self.clock())
-        return Pass(tenant, Stamp(tenant_ref=self.ref(tenant), tenant=tenant.facts))
+        held = self.quotas.admit(tenant, model, self.clock(), reserve)
+        return Pass(tenant, Stamp(tenant_ref=self.ref(tenant), tenant=tenant.facts),
+                    reserved=held)
 
     def ref(self, tenant: Tenant) -> bytes:
         assert self.book is not None
@@ -105,7 +107,7 @@ class Gate:
         if admitted.finished or admitted.tenant is None:
             return
         admitted.finished = True
-        self.quotas.finish(admitted.tenant, tokens, self.clock())
+        self.quotas.finish(admitted.tenant, tokens, self.clock(), admitted.reserved)
 
     def log_content(self, admitted: Pass, request_id: bytes, prompt: Any, output: str) -> None:
         """Keep the text of a request, only for tenants that enabled content logging; the

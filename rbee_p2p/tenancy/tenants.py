@@ -172,6 +172,7 @@ class _Usage:
     recent: collections.deque[float] = field(default_factory=collections.deque)  # request times
     day: int = -1
     tokens_today: int = 0
+    reserved: int = 0  # tokens held for requests in flight (refunded as they end)
     in_flight: int = 0
     allowed: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # status -> count
@@ -181,8 +182,10 @@ class _Usage:
 class Quotas:
     """Per-tenant rate limits on this node (requests entering here, wherever they run).
 
-    ``admit`` checks and counts a request; ``finish`` releases its concurrency slot and adds
-    its tokens to the day's total.  Time is the caller's (seconds since the epoch).
+    ``admit`` checks and counts a request and reserves its tokens (its estimate, at most what
+    is left of the day's quota, so concurrent requests cannot all pass one check: the day's
+    total overshoots by at most one request); ``finish`` releases its slot, frees its
+    reservation and adds the tokens it used.  Time is the caller's (seconds since the epoch).
     """
 
     def __init__(self) -> None:
@@ -195,8 +198,9 @@ class Quotas:
         u = self._usage(tenant)
         u.refused[str(status)] = u.refused.get(str(status), 0) + 1
 
-    def admit(self, tenant: Tenant, model: str, now: float) -> None:
-        """Raises Forbidden (model not allowed) or QuotaExceeded (with the wait)."""
+    def admit(self, tenant: Tenant, model: str, now: float, reserve: int = 0) -> int:
+        """Admit a request expected to use ``reserve`` tokens; the tokens reserved for it.
+        Raises Forbidden (model not allowed) or QuotaExceeded (with the wait)."""
         u = self._usage(tenant)
         if not tenant.allows(model):
             self.refused(tenant, 403)
@@ -210,7 +214,8 @@ class Quotas:
         why = ""
         if tenant.rpm is not None and len(u.recent) >= tenant.rpm:
             wait, why = u.recent[0] + 60 - now, f"{tenant.rpm} requests per minute"
-        elif tenant.tokens_per_day is not None and u.tokens_today >= tenant.tokens_per_day:
+        elif tenant.tokens_per_day is not None and \
+                u.tokens_today + u.reserved >= tenant.tokens_per_day:
             wait, why = (day + 1) * DAY_S - now, f"{tenant.tokens_per_day} tokens per day"
         elif tenant.concurrent is not None and u.in_flight >= tenant.concurrent:
             wait, why = 1.0, f"{tenant.concurrent} concurrent requests"
@@ -221,10 +226,16 @@ class Quotas:
         u.recent.append(now)
         u.in_flight += 1
         u.allowed += 1
+        if tenant.tokens_per_day is None:
+            return 0
+        held = min(reserve, tenant.tokens_per_day - u.tokens_today - u.reserved)
+        u.reserved += held
+        return held
 
-    def finish(self, tenant: Tenant, tokens: int, now: float) -> None:
+    def finish(self, tenant: Tenant, tokens: int, now: float, reserved: int = 0) -> None:
         u = self._usage(tenant)
         u.in_flight = max(0, u.in_flight - 1)
+        u.reserved = max(0, u.reserved - reserved)
         day = int(now // DAY_S)
         if day != u.day:
             u.day, u.tokens_today = day, 0
@@ -233,5 +244,5 @@ class Quotas:
 
     def status(self) -> dict[str, Any]:
         return {name: {"allowed": u.allowed, "refused": dict(u.refused), "in_flight": u.in_flight,
-                       "tokens_today": u.tokens_today, "tokens": u.tokens}
+                       "tokens_today": u.tokens_today, "reserved": u.reserved, "tokens": u.tokens}
                 for name, u in sorted(self.usage.items())}

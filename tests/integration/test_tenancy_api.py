@@ -104,6 +104,49 @@ async def test_token_quota_counts_streamed_and_plain_responses(tmp_path, autojum
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
 
 
+async def test_concurrent_requests_cannot_overshoot_the_token_quota(tmp_path, autojump_clock):
+    import trio
+
+    node, keys, _, _, client = make(tmp_path, acme={"tokens_per_day": 40})
+    codes = []
+
+    async def one(stream):
+        r = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                              headers=auth(keys["acme"]))
+        await r.get_data()
+        codes.append(r.status_code)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):  # all at once: each passes the check before any has finished
+            nursery.start_soon(one, i % 2 == 0)
+    usage = node.status()["tenancy"]["usage"]["acme"]
+    assert 0 < codes.count(200) < 20 and codes.count(429) == 20 - codes.count(200)
+    # each reserved its estimate (max_tokens + a token a character): at most one request
+    # (its max_tokens) past the quota, and every reservation handed back
+    assert usage["tokens_today"] <= 40 + CHAT["max_tokens"]
+    assert usage["reserved"] == 0 and usage["in_flight"] == 0
+
+
+async def test_a_stream_whose_body_never_starts_frees_its_slot(tmp_path, autojump_clock):
+    import gc
+
+    from rbee_p2p.api.schemas import Limits, parse_chat
+
+    node, keys, _, _, _ = make(tmp_path, acme={"concurrent": 1, "tokens_per_day": 1000})
+    tenant = node.gate.authenticate(f"Bearer {keys['acme']}")
+    call = parse_chat({**CHAT, "stream": True}, Limits())
+    async with node.serving.admission(tenant, "fake", 100) as admitted:
+        job = await node.serving.start(call, admitted)
+        admitted.streaming = True
+    events = node.serving.stream(call, job, admitted)
+    usage = node.status()["tenancy"]["usage"]["acme"]
+    assert (usage["in_flight"], usage["reserved"]) == (1, 100)
+    del events  # the client left before the body was iterated: no finally ever runs
+    gc.collect()
+    usage = node.status()["tenancy"]["usage"]["acme"]
+    assert (usage["in_flight"], usage["reserved"]) == (0, 0)
+
+
 async def test_concurrency_slot_is_freed_after_errors(tmp_path, autojump_clock):
     node, keys, _, _, client = make(tmp_path, acme={"concurrent": 1})
     for _ in range(3):  # a 404 inside the admitted request must not leak its slot
