@@ -63,6 +63,9 @@ class Limits:
     """Tolerated clock difference between peers."""
     max_ttl_ms: int = 10 * 60_000
     """Longest validity (expires_at - issued_at) accepted; bounds the replay cache."""
+    max_ttl_by_type: Mapping[int, int] = field(
+        default_factory=lambda: {3: 90_000, 4: 90_000, 5: 90_000, 6: 90_000, 10: 90_000})
+    """Shorter for a stream's frames (chunk, end, error, cancel, request): senders use 60 s."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -192,52 +195,89 @@ def check_time(env: Envelope, now_ms: int, limits: Limits) -> None:
         raise NotYetValid(f"issued {env.issued_at - now_ms} ms in the future")
     if env.expires_at + limits.max_skew_ms < now_ms:
         raise Expired(f"expired {now_ms - env.expires_at} ms ago")
-    if env.expires_at - env.issued_at > limits.max_ttl_ms:
-        raise InvalidSchema(f"validity longer than {limits.max_ttl_ms} ms")
+    longest = limits.max_ttl_by_type.get(env.type, limits.max_ttl_ms)
+    if env.expires_at - env.issued_at > longest:
+        raise InvalidSchema(f"validity longer than {longest} ms")
 
 
 class ReplayCache:
     """Remembers accepted (sender, nonce) pairs until they expire; bounded in size.
 
-    When full, the entry that expires first is forgotten and the cache raises its
-    *watermark* to that expiry: from then on anything expiring at or before the watermark is
-    refused as possibly replayed.  So a full cache fails closed, never open.
+    When full, or when one sender holds ``per_sender`` entries, the entry that expires first
+    (of all, or of that sender) is forgotten and its *sender's* mark is raised to its expiry:
+    from then on anything of that sender expiring at or before its mark is refused as
+    possibly replayed.  So a full cache fails closed for the senders it forgot, never open,
+    and a flood of long-lived envelopes from many identities cannot make it refuse anyone
+    else's fresh ones.  The marks are bounded too: dropped once expired, and past
+    ``capacity`` of them the lowest are folded into one floor for every sender.
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
+    def __init__(self, capacity: int = 100_000, per_sender: int = 4096) -> None:
+        if capacity <= 0 or per_sender <= 0:
+            raise ValueError("capacity and per_sender must be positive")
         self.capacity = capacity
-        self.watermark = -1
+        self.per_sender = per_sender
+        self.floor = -1
+        self._marks: dict[bytes, int] = {}
         self._seen: dict[tuple[bytes, bytes], int] = {}
         self._by_expiry: list[tuple[int, bytes, bytes]] = []
+        self._per_sender: dict[bytes, list[tuple[int, bytes]]] = {}  # heaps (expiry, nonce)
 
     def __len__(self) -> int:
         return len(self._seen)
 
+    def mark(self, sender: bytes) -> int:
+        """What of ``sender`` is refused: anything expiring at or before this."""
+        return max(self.floor, self._marks.get(sender, -1))
+
+    def _forget(self, expiry: int, sender: bytes, nonce: bytes, *, evicted: bool) -> None:
+        if self._seen.pop((sender, nonce), None) is None:
+            return  # already gone (the two heaps are pruned lazily)
+        own = self._per_sender.get(sender)
+        if own is not None:
+            own.remove((expiry, nonce))
+            heapq.heapify(own)
+            if not own:
+                del self._per_sender[sender]
+        if evicted:
+            self._marks[sender] = max(self._marks.get(sender, -1), expiry)
+
     def _prune(self, now_ms: int, skew_ms: int) -> None:
         # entries the time check would refuse anyway need not be remembered
         while self._by_expiry and self._by_expiry[0][0] + skew_ms < now_ms:
-            _, sender, nonce = heapq.heappop(self._by_expiry)
-            self._seen.pop((sender, nonce), None)
+            expiry, sender, nonce = heapq.heappop(self._by_expiry)
+            self._forget(expiry, sender, nonce, evicted=False)
+        if len(self._marks) > self.capacity:
+            self._marks = {s: m for s, m in self._marks.items() if m + skew_ms >= now_ms}
+        if len(self._marks) > self.capacity:
+            ordered = sorted(self._marks.items(), key=lambda item: item[1])
+            cut = len(ordered) - self.capacity // 2
+            self.floor = max(self.floor, ordered[cut - 1][1])
+            self._marks = dict(ordered[cut:])
 
     def check_and_add(self, env: Envelope, now_ms: int, skew_ms: int) -> None:
-        """Record ``env``'s nonce; :class:`Replayed` if seen before or below the watermark.
-
-        ``skew_ms`` must be the skew the time check uses.  Nothing changes on rejection.
-        """
+        """Record ``env``'s nonce; :class:`Replayed` if seen before or at or below its
+        sender's mark.  ``skew_ms`` must be the skew the time check uses.  Nothing changes
+        on rejection."""
         self._prune(now_ms, skew_ms)
         key = (env.sender, env.nonce)
-        if key in self._seen or env.expires_at <= self.watermark:
+        if key in self._seen or env.expires_at <= self.mark(env.sender):
             raise Replayed("nonce already seen from this sender")
-        if len(self._seen) >= self.capacity and env.expires_at <= self._by_expiry[0][0]:
-            raise Replayed("replay cache full; too old to prove fresh")
+        own = self._per_sender.setdefault(env.sender, [])
+        while len(own) >= self.per_sender:
+            expiry, nonce = own[0]
+            self._forget(expiry, env.sender, nonce, evicted=True)
+            own = self._per_sender.setdefault(env.sender, [])
         while len(self._seen) >= self.capacity:
             expiry, sender, nonce = heapq.heappop(self._by_expiry)
-            del self._seen[(sender, nonce)]
-            self.watermark = max(self.watermark, expiry)
+            self._forget(expiry, sender, nonce, evicted=True)
         self._seen[key] = env.expires_at
-        heapq.heappush(self._by_expiry, (env.expires_at, env.sender, env.nonce))
+        if len(self._by_expiry) >= 2 * self.capacity:  # drop what per-sender evictions left
+            self._by_expiry = [(e, s, n) for (s, n), e in self._seen.items()]
+            heapq.heapify(self._by_expiry)
+        else:
+            heapq.heappush(self._by_expiry, (env.expires_at, env.sender, env.nonce))
+        heapq.heappush(self._per_sender.setdefault(env.sender, own), (env.expires_at, env.nonce))
 
 
 class Verifier:

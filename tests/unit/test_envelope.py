@@ -22,7 +22,7 @@ from rbee_p2p.protocol.errors import (
     Replayed,
     UnknownType,
 )
-from rbee_p2p.protocol.identity import verify_signature
+from rbee_p2p.protocol.identity import NodeKey, verify_signature
 from rbee_p2p.protocol.messages import CapabilityAdvert, Cancel, InferenceRequest
 
 NOW = samples.NOW
@@ -179,8 +179,8 @@ def test_full_replay_cache_fails_closed():
     first = sealed(ttl=1000)
     verifier.verify(first, NOW)
     verifier.verify(sealed(ttl=2000), NOW)
-    verifier.verify(sealed(ttl=3000), NOW)  # evicts `first`, watermark = its expiry
-    assert len(cache) == 2 and cache.watermark == NOW + 1000
+    verifier.verify(sealed(ttl=3000), NOW)  # evicts `first`: its sender's mark = its expiry
+    assert len(cache) == 2 and cache.mark(samples.key_a().peer_id) == NOW + 1000
     with pytest.raises(Replayed):
         verifier.verify(first, NOW)  # forgotten, but still refused
     with pytest.raises(Replayed):
@@ -194,10 +194,49 @@ def test_full_replay_cache_does_not_forget_when_it_refuses():
     kept = sealed(ttl=5000)
     verifier.verify(kept, NOW)
     with pytest.raises(Replayed):
-        verifier.verify(sealed(ttl=4000), NOW)  # older than anything cached: refused...
+        verifier.verify(kept, NOW)
+    assert len(cache) == 1 and cache.mark(samples.key_a().peer_id) == -1
+
+
+def test_a_flood_of_long_lived_envelopes_from_many_identities_cannot_poison_the_cache():
+    cache = ReplayCache(capacity=1000, per_sender=100)
+    verifier = Verifier(replay=cache)
+    honest = NodeKey.from_seed(bytes([200]) * 32)
+    before = sealed(ttl=60_000, key=honest)
+    verifier.verify(before, NOW)
+    attackers = [NodeKey.from_seed(bytes([i + 1]) * 32) for i in range(20)]
+    flood = [sealed(ttl=600_000, key=k) for k in attackers for _ in range(100)]
+    refused = 0
+    for data in flood:  # 2,000 valid 10-minute envelopes into a 1,000-entry cache
+        try:
+            verifier.verify(data, NOW)
+        except Replayed:  # a flooder whose entries were forgotten: refused, by its own mark
+            refused += 1
+    assert len(cache) == 1000 and refused < len(flood)
+    for i in range(50):  # fresh traffic from anyone else is still accepted
+        verifier.verify(sealed(now=NOW + 1000 + i, ttl=60_000, key=honest), NOW + 1000 + i)
     with pytest.raises(Replayed):
-        verifier.verify(kept, NOW)  # ...and `kept` is still remembered
-    assert cache.watermark == -1
+        verifier.verify(before, NOW + 1100)  # forgotten under the flood, still refused
+    with pytest.raises(Replayed):
+        verifier.verify(flood[0], NOW + 1100)  # and so are the flood's own replays
+    assert len(cache._marks) <= 21
+
+
+def test_one_sender_cannot_hold_more_than_its_share():
+    cache = ReplayCache(capacity=1000, per_sender=10)
+    verifier = Verifier(replay=cache)
+    mine = [sealed(ttl=1000 + i) for i in range(25)]
+    for data in mine:
+        verifier.verify(data, NOW)
+    assert len(cache) == 10
+    with pytest.raises(Replayed):
+        verifier.verify(mine[0], NOW)  # evicted from its share: refused by its mark
+
+
+def test_stream_frames_may_not_live_long():
+    data = sealed(Cancel(request_id=samples.RID), ttl=120_000)
+    with pytest.raises(InvalidSchema, match="validity longer than 90000 ms"):
+        Verifier().verify(data, NOW)
 
 
 def test_expected_type_and_sender():
