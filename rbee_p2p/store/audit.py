@@ -159,6 +159,26 @@ def _open_locked(path: Path) -> int:
     raise StorageError(f"{path} keeps being replaced; is another process rewriting it?")
 
 
+def _append_all(fd: int, data: bytes, path: Path) -> None:
+    """Append all of ``data`` to ``fd``, or nothing: a short or failed write (a full disk)
+    is truncated back, so the file never keeps half a record for later appends to follow.
+    Raises StorageError."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(f"wrote nothing of {len(view)} bytes")
+            view = view[written:]
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            log.exception("%s: cannot cut back a failed write", path)
+        raise StorageError(f"{path}: cannot write ({exc}); nothing was kept") from exc
+
+
 def _replace_file(path: Path, data: bytes, *, lock: bool) -> int | None:
     """Atomically replace ``path`` by ``data``: write a new file, fsync, rename, fsync the
     directory.  With ``lock``, the new file is locked before it takes the name and its open
@@ -246,7 +266,8 @@ class AuditLog:
         before acknowledging it); returns its bytes.  With ``receipt`` (a Receipt envelope),
         the record's ``receipt_sig`` is the receipt's signature and the receipt is kept in
         the receipts file, written at the next sync.  Raises :class:`InvalidSchema` for a
-        bad field or receipt (nothing is written then)."""
+        bad field or receipt, :class:`StorageError` when the disk refuses the write (full):
+        nothing is written then."""
         if receipt is not None:
             _check_receipt(receipt)
             if fields.get("receipt_sig") not in (None, receipt[-SIG:]):
@@ -254,7 +275,7 @@ class AuditLog:
             fields["receipt_sig"] = receipt[-SIG:]
         raw, head = append_record(self.key, self.head, now_ms=now_ms, kind=kind,
                                   outcome=outcome, **fields)
-        os.write(self._fd, frame(raw))
+        _append_all(self._fd, frame(raw), self.path)  # StorageError: head stays as it was
         self.head = head
         if receipt is not None:
             self._pending_receipts.append(receipt)
@@ -265,8 +286,9 @@ class AuditLog:
     def sync(self) -> None:
         """fsync the records, then write and fsync the receipts appended since last time."""
         os.fsync(self._fd)
-        if self._pending_receipts:
-            os.write(self._rfd, b"".join(frame(r) for r in self._pending_receipts))
+        if self._pending_receipts:  # kept for the next sync if this write fails
+            _append_all(self._rfd, b"".join(frame(r) for r in self._pending_receipts),
+                        self.receipts_path)
             os.fsync(self._rfd)
             self._pending_receipts.clear()
 

@@ -97,3 +97,34 @@ def test_bad_fields_write_nothing(tmp_path):
             log.append(now_ms=samples.NOW, kind="bogus", outcome="ok")
         assert log.head.seq == 0
     assert os.path.getsize(path) == 0
+
+
+def test_a_full_disk_keeps_nothing_of_the_record_and_the_log_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    from rbee_p2p.store import audit as store
+
+    KEY, NOW = samples.key_a(), samples.NOW
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, KEY)
+    log.append(now_ms=NOW, kind="entry", outcome="ok")
+    size = path.stat().st_size
+    real_write = os.write
+    calls = []
+
+    def full_disk(fd, data):  # half the bytes fit, then the disk is full
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "write", full_disk)
+    with pytest.raises(StorageError, match="nothing was kept"):
+        log.append(now_ms=NOW + 1, kind="entry", outcome="ok")
+    assert path.stat().st_size == size and len(calls) == 2  # the half record was cut back
+    monkeypatch.setattr(store.os, "write", real_write)  # space freed
+    log.append(now_ms=NOW + 2, kind="entry", outcome="ok")
+    log.close()
+    again = AuditLog(path, KEY)  # the node starts again: the chain verifies
+    assert len(list(again.records())) == 2
+    again.close()
