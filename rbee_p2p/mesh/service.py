@@ -15,6 +15,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from ..dispatch.request import Request, Stamp
+from ..logs import quiet_repeats
 from ..protocol.envelope import Verifier
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.peers import PeerTable
@@ -65,6 +66,7 @@ class Mesh:
         """Run the host, gossip, discovery and the mesh's loops until cancelled; started
         once listening and subscribed.  Raises ConfigError (a listen port in use) or what
         the host raises on start."""
+        quiet_repeats()  # what peers can make us log, at most once a minute a kind
         from libp2p.pubsub.gossipsub import PROTOCOL_ID as GS10
         from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
         from libp2p.pubsub.pubsub import Pubsub
