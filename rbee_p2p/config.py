@@ -112,7 +112,7 @@ class NodeConfig:
     # model -> (input per Mtok, output per Mtok, per image) in micro-credits: [prices.NAME]
     prices: tuple[tuple[str, tuple[int, int, int]], ...] = ()
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
-    audit_retention_days: float | None = None  # prune older audit records; None: keep all
+    audit_retention_days: float = 365.0  # prune older audit records; 0: keep all
     # -- routing --
     policy: str = "fastest"  # a built-in's name or a Starlark policy file (.star)
     policy_timeout_ms: int = 50  # a Starlark decision's deadline (then the built-in decides)
@@ -321,8 +321,8 @@ def load_config(
             or config.image_url_ttl < 1 or config.image_store_mb < 1:
         raise ConfigError("need 0 <= memory_headroom < 1, max_images >= 1, "
                           "image_url_ttl >= 1 and image_store_mb >= 1")
-    if config.audit_retention_days is not None and not 0 < config.audit_retention_days < 1e6:
-        raise ConfigError("audit_retention_days must be a positive number of days")
+    if not 0 <= config.audit_retention_days < 1e6:
+        raise ConfigError("audit_retention_days must be a number of days (0: keep all)")
     if config.max_peers < 1 or config.ping_interval <= 0 or config.device_probe_interval <= 0:
         raise ConfigError("need max_peers >= 1, ping_interval > 0, device_probe_interval > 0")
     if not 0 < config.suspect_after < config.dead_after:

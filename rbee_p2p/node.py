@@ -230,7 +230,7 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
     check_exposure(config)
     key = load_or_create_key(key_path(config.home))
     audit_log = AuditLog(audit_path(config.home), key)
-    writer = AuditWriter(audit_log, retention_days=config.audit_retention_days)
+    writer = AuditWriter(audit_log, retention_days=config.audit_retention_days or None)
     engines: list[TextEngine] = []
     capacity: Capacity | None = None
     shutdown = shutdown or trio.Event()

@@ -151,7 +151,7 @@ def _open_for_rewrite(home: Path) -> Any:
     except LogInUse:
         raise StorageError(
             f"{audit_path(home)} is locked by a running rbee-node: stop the node first "
-            "(a running node prunes by itself when audit_retention_days is set)") from None
+            "(a running node prunes by itself: audit_retention_days, 365 by default)") from None
 
 
 def _confirm(question: str) -> bool:

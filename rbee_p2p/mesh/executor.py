@@ -39,6 +39,9 @@ __all__ = ["PROTOCOL_ID", "Timing", "Executor", "Runner", "now_ms", "DATA_CHUNK"
 log = logging.getLogger(__name__)
 PROTOCOL_ID = "/rbee/infer/1.0.0"
 DATA_CHUNK = 512 * 1024  # a data item (an image, a vector) goes in chunks of at most this
+REFUSALS_RECORDED = 10
+"""Refused jobs audited per peer a minute; the rest are only counted."""
+MAX_TRACKED = 4096  # peers whose refusals are counted at once
 
 
 def now_ms() -> int:
@@ -119,6 +122,8 @@ class Executor:
         # receipts (routing.charge: tokens at their price, rounded down once, plus images)
         self.prices = dict(prices or {})
         self.served = 0
+        self.unrecorded_refusals = 0  # refusals past a peer's REFUSALS_RECORDED a minute
+        self._refusals: dict[bytes, tuple[float, int]] = {}  # peer -> (minute began, count)
 
     async def handle(self, stream: ByteStream, remote: bytes) -> None:
         """One inference stream from ``remote``.  Never raises (an escaping exception would
@@ -164,7 +169,7 @@ class Executor:
             await self._refuse(frames, "forbidden", f"this node is in "
                                f"{self.jurisdiction or 'no declared jurisdiction'}, the request "
                                f"must stay in {message.residency}", message.request_id)
-            await self._audit("execute", "rejected", message, remote, error_code="forbidden")
+            await self._audit_refusal(message, remote, "forbidden")
             return
         try:
             request = from_wire(message, self.limits)
@@ -176,7 +181,7 @@ class Executor:
         except RequestError as exc:
             retry = int(exc.retry_after * 1000) if isinstance(exc, Busy) else None
             await self._refuse(frames, spec(exc).wire, str(exc), message.request_id, retry)
-            await self._audit("execute", "rejected", message, remote, error_code=spec(exc).wire)
+            await self._audit_refusal(message, remote, spec(exc).wire)
             return
         await self._execute(frames, remote, message, raw, session, request, job)
 
@@ -253,6 +258,21 @@ class Executor:
         images = len(job.items) if what.image is not None else 0
         return charge(*price, tokens_in=completion.prompt_tokens,
                       tokens_out=completion.completion_tokens, images=images)
+
+    async def _audit_refusal(self, request: InferenceRequest, remote: bytes, code: str) -> None:
+        """A refused job's record: at most ``REFUSALS_RECORDED`` a minute from one peer (one
+        flooding peer must not fill the disk with signed records); the rest are counted."""
+        now = trio.current_time()
+        if len(self._refusals) > MAX_TRACKED:
+            self._refusals.clear()
+        start, count = self._refusals.get(remote, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        self._refusals[remote] = (start, count + 1)
+        if count >= REFUSALS_RECORDED:
+            self.unrecorded_refusals += 1
+            return
+        await self._audit("execute", "rejected", request, remote, error_code=code)
 
     async def _audit(self, kind: str, outcome: str, request: InferenceRequest, remote: bytes,
                      **fields: Any) -> None:

@@ -419,3 +419,18 @@ async def test_a_receipt_inflating_the_prompt_is_charged_at_the_entry_nodes_boun
     assert job.receipt.tokens_in == 4_000_000_000  # signed, kept as evidence
     bound = tokens_in_bound(job.request)
     assert job.completion.prompt_tokens == bound < 1000 and mesh.failed == [B.peer_id]
+
+
+async def test_refusals_are_audited_at_most_ten_a_minute_per_peer(mesh, autojump_clock):
+    audit = Audit()
+    server = executor([ScriptedEngine("fake")], where="EU", audit=audit)
+    for _ in range(25):  # a peer asking for a model B does not serve, again and again
+        with pytest.raises(PeerRefused):
+            await mesh(call(model="other"), server=server)
+    await trio.sleep(0.1)
+    assert len(audit.records) == 10 and server.unrecorded_refusals == 15
+    await trio.sleep(60)  # a minute later it is recorded again
+    with pytest.raises(PeerRefused):
+        await mesh(call(model="other"), server=server)
+    await trio.sleep(0.1)
+    assert len(audit.records) == 11

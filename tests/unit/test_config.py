@@ -133,12 +133,12 @@ def test_bad_mesh_settings(tmp_path, text, match):
 
 def test_audit_retention_from_file_and_env(tmp_path):
     env = {"RBEE_HOME": str(tmp_path)}
-    assert load_config(env=env).audit_retention_days is None
-    (tmp_path / "rbee-node.toml").write_text("audit_retention_days = 365\n")
-    assert load_config(env=env).audit_retention_days == 365
+    assert load_config(env=env).audit_retention_days == 365  # on by default: a year
+    (tmp_path / "rbee-node.toml").write_text("audit_retention_days = 0\n")
+    assert load_config(env=env).audit_retention_days == 0  # keep all
     env["RBEE_AUDIT_RETENTION_DAYS"] = "30.5"
     assert load_config(env=env).audit_retention_days == 30.5
-    env["RBEE_AUDIT_RETENTION_DAYS"] = "0"
+    env["RBEE_AUDIT_RETENTION_DAYS"] = "-1"
     with pytest.raises(ConfigError, match="audit_retention_days"):
         load_config(env=env)
 
