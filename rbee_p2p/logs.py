@@ -14,7 +14,8 @@ from typing import Callable
 
 __all__ = ["OncePerMinute", "quiet_repeats", "NOISY"]
 
-NOISY = ("libp2p.pubsub.gossipsub", "rbee_p2p.mesh.membership", "rbee_p2p.mesh.executor")
+NOISY = ("libp2p.pubsub.gossipsub", "rbee_p2p.mesh.membership", "rbee_p2p.mesh.executor",
+         "rbee_p2p.mesh.service")
 """Loggers whose records peers can cause at will."""
 
 

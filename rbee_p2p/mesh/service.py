@@ -154,13 +154,18 @@ class Mesh:
 
     # -- discovery ----------------------------------------------------------------------
 
-    async def connect_addr(self, addr: str) -> bytes | None:
-        """Dial a multiaddr with /p2p/<id>; returns the peer ID, None on failure."""
+    async def connect_addr(self, addr: str, *, again: bool = False) -> bytes | None:
+        """Dial a multiaddr with /p2p/<id>; returns the peer ID, None on failure.  With
+        ``again`` (a configured peer), libp2p's 60 s "recently failed" cache is ignored: a
+        restarted peer is back at the next try, not a minute later."""
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except Exception as exc:
             log.warning("bad peer address %s: %s", addr, exc)
             return None
+        if again and self.host is not None \
+                and not self.host.get_network().connections.get(info.peer_id):
+            self.host.get_network().unblock_peer(info.peer_id)
         return await self.connect_info(info)
 
     async def connect_info(self, info: PeerInfo) -> bytes | None:
@@ -183,8 +188,8 @@ class Mesh:
     async def _keep_static_peers(self) -> None:
         while True:
             for addr in self.config.peers:
-                await self.connect_addr(addr)
-            await trio.sleep(2)
+                await self.connect_addr(addr, again=True)
+            await trio.sleep(1)
 
     async def _run_dht(self) -> None:
         from libp2p.kad_dht import DHTMode, KadDHT

@@ -178,3 +178,23 @@ def test_models_of_a_peer_are_listed_while_it_lives(nodes):
         time.sleep(0.1)
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("smollm2")
+
+
+def test_a_restarted_static_peer_is_back_within_seconds(nodes, tmp_path):
+    b = nodes("b", "--no-default-model", "--fake-model", "m:1000")
+    a = nodes("a", "--no-default-model", "--peer", b.addr)
+    for n in (a, b):
+        n.wait_ready()
+    a.wait_for(knows("m", b.peer_id), 15, "B at A")
+    b.kill()
+    a.wait_for(lambda s: not knows("m", b.peer_id)(s), 3 * DEAD_AFTER, "B dead at A")
+    time.sleep(2)  # A's dials to B fail meanwhile (libp2p remembers that for 60 s)
+    again = NodeProcess(tmp_path / "b", "--no-default-model", "--fake-model", "m:1000",
+                        port=b.port, p2p_port=b.p2p_port)  # same identity, same address
+    try:
+        again.wait_ready()
+        started = time.monotonic()
+        a.wait_for(knows("m", b.peer_id), 15, "B back at A")
+        assert time.monotonic() - started < 3.0
+    finally:
+        again.kill()
