@@ -146,17 +146,26 @@ class Membership:
             log.info("advert refused: %s", exc)
         return None
 
-    async def receive(self, subscription: Any) -> None:
-        """Apply every advert gossiped on our topic until cancelled.  Never raises for a
-        bad message."""
-        async for message in subscription:
-            try:
-                sender = ID(message.from_id).to_bytes()
-            except Exception as exc:
-                self.table.count_invalid("malformed")
-                log.info("advert refused: %s", exc)
-                continue
-            self.receive_one(sender, message.data, now_ms())
+    def validate(self, _forwarder: Any, message: Any) -> bool:
+        """GossipSub's topic validator: verify and apply a gossiped advert before it is
+        delivered or relayed; only what passed is passed on (an invalid advert dies at the
+        first honest node).  Our own adverts pass.  Never raises."""
+        try:
+            sender = ID(message.from_id).to_bytes()
+        except Exception as exc:
+            self.table.count_invalid("malformed")
+            log.info("advert refused: %s", exc)
+            return False
+        if sender == self.key.peer_id:
+            return True
+        return self.receive_one(sender, message.data, now_ms()) is not None
+
+    @staticmethod
+    async def receive(subscription: Any) -> None:
+        """Drain the topic's deliveries until cancelled: :meth:`validate` applied each one
+        already (verifying twice would refuse it as a replay)."""
+        async for _ in subscription:
+            pass
 
     def _forgotten(self, peer: bytes) -> None:
         for listener in self.forget_listeners:

@@ -91,6 +91,8 @@ class Mesh:
             host.set_stream_handler(PROBE_ID, self.view.on_probe)
             async with background_trio_service(pubsub), background_trio_service(router):
                 await pubsub.wait_until_ready()
+                pubsub.set_topic_validator(advert_topic(cfg.swarm), self.membership.validate,
+                                           False)
                 subscription = await pubsub.subscribe(advert_topic(cfg.swarm))
                 async with trio.open_nursery() as nursery:
                     self._start_loops(nursery, subscription)

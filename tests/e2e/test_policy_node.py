@@ -68,7 +68,8 @@ def test_a_node_routes_by_a_policy_and_reloads_it(tmp_path):
         assert wait_for(url, lambda s: s["policy"]["decisions"] >= 1, "a decision")
 
         policy.write_text(BROKEN)  # reloaded within ~1 s; the built-in decides meanwhile
-        status = wait_for(url, lambda s: not s["policy"]["loaded"], "the broken version")
+        status = wait_for(url, lambda s: not s["policy"]["loaded"] and s["policy"]["last_error"],
+                          "the broken version")  # (not loaded, no error yet: compiling)
         assert status["policy"]["last_error"]["message"].startswith("p.star:2:33:")
         assert chat(url).status_code == 200
         assert wait_for(url, lambda s: s["policy"]["fallbacks"] >= 1, "a fallback")
