@@ -202,7 +202,7 @@ class LlamaEngine(TextEngine):
         keep, self._aligned = plan_reuse(llm.input_ids[: llm.n_tokens], prepared.prompt_tokens,
                                          self._aligned, repeatable=req.temperature == 0,
                                          chunk=self._settings.prefill_chunk)
-        llm.n_tokens = min(llm.n_tokens, keep)  # generate() evaluates the prompt from here
+        llm.n_tokens = keep  # (never more than cached) generate() evaluates the rest
         tokens = llm.generate(
             prepared.prompt_tokens, temp=req.temperature, top_p=req.top_p, top_k=40,
             min_p=0.05, repeat_penalty=1.0, presence_penalty=req.presence_penalty,

@@ -10,17 +10,15 @@ from typing import Any, Callable, Container, Iterable
 
 import trio
 
-from ..routing.places import RTT_ALPHA, smoothed_rtt
+from ..routing.places import smoothed_rtt
 from .frames import end_quietly
 from .settings import short
 
-__all__ = ["Latency", "PING_ID", "ALPHA"]
+__all__ = ["Latency", "PING_ID"]
 
 log = logging.getLogger(__name__)
 
 PING_ID = "/ipfs/ping/1.0.0"
-ALPHA = RTT_ALPHA
-"""Weight of a new sample in the smoothed round trip."""
 
 
 class Latency:

@@ -11,7 +11,8 @@ from libp2p.peer.id import ID
 
 from rbee_p2p.engines.admission import Capacity
 from rbee_p2p.engines.hardware import Device, Hardware
-from rbee_p2p.mesh.latency import ALPHA, PING_ID, Latency
+from rbee_p2p.mesh.latency import PING_ID, Latency
+from rbee_p2p.routing.places import RTT_ALPHA as ALPHA
 from rbee_p2p.mesh.service import Mesh, MeshConfig
 from rbee_p2p.protocol.envelope import Verifier, seal
 import pytest
