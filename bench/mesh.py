@@ -40,7 +40,8 @@ class Node:
     def __init__(self, stack: ExitStack, tmp: Path, name: str, *args: str) -> None:
         self.home = tmp / name
         self.home.mkdir(parents=True)
-        env = {"RBEE_HOME": str(self.home), "RBEE_TRACE": "1"}  # step timestamps: rbee/trace.py
+        env = {"RBEE_HOME": str(self.home), "RBEE_TRACE": "1",  # step timestamps: rbee/trace.py
+               "RBEE_PSK": "rbee-bench-swarm"}  # one private swarm (each has its own home)
         self.peer_id = subprocess.run(["rbee-node", "id"], env={**os.environ, **env},
                                       capture_output=True, text=True, check=True).stdout.strip()
         self.port, self.p2p = free_port(), free_port()

@@ -24,6 +24,7 @@ __all__ = [
     "default_model_path",
     "parse_model_arg",
     "load_config",
+    "peer_limits",
     "DEFAULT_PORT",
 ]
 
@@ -93,10 +94,11 @@ class NodeConfig:
     p2p_listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7834",)
     peers: tuple[str, ...] = ()  # static peers (multiaddrs ending in /p2p/<peer id>)
     bootstrap: tuple[str, ...] = ()  # DHT bootstrap nodes (same form)
-    swarm: str = "default"
+    swarm: str = "private"  # "private": members only (a swarm key); "public": the open swarm
     mdns: bool = True
     dht: bool = True
-    psk: str | None = None  # private swarm: a pre-shared key or passphrase
+    psk: str | None = None  # the private swarm's key or passphrase (else swarm.key in home)
+    join: str | None = None  # an invitation (`rbee-node invite`): join that private swarm
     allow_peers: tuple[str, ...] | None = None  # private swarm: only these peer IDs
     jurisdiction: str = ""  # what this node's advert claims, e.g. "EU"
     mdns_interfaces: tuple[str, ...] = ()  # interface names or addresses; empty: all
@@ -113,6 +115,11 @@ class NodeConfig:
     prices: tuple[tuple[str, tuple[int, int, int]], ...] = ()
     fake_models: tuple[str, ...] = ()  # testing: "NAME:TOKENS_PER_S" scripted models
     audit_retention_days: float = 365.0  # prune older audit records; 0: keep all
+    # -- peers' jobs, admitted per peer like a tenant (None: the swarm's default; 0: none) --
+    peer_concurrent: int | None = None  # jobs at once (private 8, public 2)
+    peer_rpm: int | None = None  # jobs a minute (private 600, public 60)
+    peer_tokens_per_day: int | None = None  # tokens a UTC day (private none, public 1M)
+    peer_queue_share: float = 0.5  # of a model's queue that peers' waiting jobs may fill
     # -- routing --
     policy: str = "fastest"  # a built-in's name or a Starlark policy file (.star)
     policy_timeout_ms: int = 50  # a Starlark decision's deadline (then the built-in decides)
@@ -177,17 +184,20 @@ def _model_from_table(item: Any, where: str) -> ModelSpec:
 _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "allow_open": bool,
             "max_body_bytes": int, "max_tokens": int, "default_max_tokens": int,
-            "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str,
+            "p2p": bool, "swarm": str, "mdns": bool, "dht": bool, "psk": str, "join": str,
             "jurisdiction": str, "advert_interval": float, "suspect_after": float,
             "dead_after": float, "advert_budget": float, "probe_above": int, "probes": int,
             "max_peers": int, "ping_interval": float, "device_probe_interval": float,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
             "memory_headroom": float, "audit_retention_days": float,
+            "peer_concurrent": int, "peer_rpm": int, "peer_tokens_per_day": int,
+            "peer_queue_share": float,
             "policy": str, "policy_timeout_ms": int}
 _LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces", "fake_models"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
         "max_body_bytes": "RBEE_MAX_BODY_BYTES", "max_tokens": "RBEE_MAX_TOKENS",
-        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "jurisdiction": "RBEE_JURISDICTION",
+        "swarm": "RBEE_SWARM", "psk": "RBEE_PSK", "join": "RBEE_JOIN",
+        "jurisdiction": "RBEE_JURISDICTION",
         "audit_retention_days": "RBEE_AUDIT_RETENTION_DAYS",
         "policy": "RBEE_POLICY"}
 
@@ -259,6 +269,32 @@ def _convert(key: str, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
 
 
+PEER_LIMITS = {"private": (8, 600, 0), "public": (2, 60, 1_000_000)}
+"""The swarm's default (concurrent, per minute, tokens a day) for one peer's jobs."""
+
+
+def peer_limits(config: NodeConfig) -> tuple[int, int, int]:
+    """(concurrent, per minute, tokens a day) one peer may use here; 0: no limit."""
+    defaults = PEER_LIMITS[config.swarm]
+    given = (config.peer_concurrent, config.peer_rpm, config.peer_tokens_per_day)
+    return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore
+
+
+def _check_swarm(config: NodeConfig) -> None:
+    if config.swarm not in PEER_LIMITS:
+        raise ConfigError(f"swarm must be 'private' (members only, the default) or 'public' "
+                          f"(the open swarm), not {config.swarm!r}")
+    if config.swarm == "public" and (config.psk or config.join):
+        raise ConfigError("a swarm key (psk) or an invitation (--join) makes a private "
+                          "swarm: drop it, or drop --swarm public")
+    if config.psk and config.join:
+        raise ConfigError("both a swarm key (psk) and an invitation (--join): pick one")
+    if any(v is not None and v < 0 for v in
+           (config.peer_concurrent, config.peer_rpm, config.peer_tokens_per_day)) \
+            or not 0 < config.peer_queue_share <= 1:
+        raise ConfigError("peer limits are >= 0 (0: no limit), 0 < peer_queue_share <= 1")
+
+
 def _check_policy(config: NodeConfig) -> None:
     from .policy_runtime import parse_spec
 
@@ -327,8 +363,9 @@ def load_config(
         raise ConfigError("need max_peers >= 1, ping_interval > 0, device_probe_interval > 0")
     if not 0 < config.suspect_after < config.dead_after:
         raise ConfigError("need 0 < suspect_after < dead_after")
-    if len(config.jurisdiction.encode()) > 8 or len(config.swarm.encode()) > 128:
-        raise ConfigError("jurisdiction is at most 8 bytes (e.g. EU), swarm at most 128")
+    if len(config.jurisdiction.encode()) > 8:
+        raise ConfigError("jurisdiction is at most 8 bytes (e.g. EU)")
+    _check_swarm(config)
     _check_policy(config)
     if len({m.name for m in config.served_models()}) != len(config.served_models()):
         raise ConfigError("two models have the same name; name them with NAME=PATH")

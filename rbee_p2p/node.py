@@ -18,7 +18,7 @@ from .tenancy.gate import Gate
 from .api.images import ImageService, image_limits
 from .dispatch.request import Limits
 from .api.serving import Serving
-from .config import NodeConfig, audit_path, key_path
+from .config import NodeConfig, audit_path, key_path, peer_limits
 from .dispatch import Dispatcher
 from .engines.admission import Capacity, load_models
 from .engines.base import TextEngine
@@ -33,6 +33,7 @@ from .protocol.messages import DeviceInfo, Price
 from .store.audit import AuditLog
 from .store.keys import load_or_create_key
 from .store.writer import AuditWriter
+from .tenancy.peers import PeerGate
 
 __all__ = ["Node", "run_node", "load_engines"]
 
@@ -75,7 +76,8 @@ class Node:
         self.key = key
         self.peer_id = key.peer_id_str if key is not None else peer_id
         self.audit = audit
-        self.scheduler = Scheduler(engines, max_queue=config.max_queue)
+        self.scheduler = Scheduler(engines, max_queue=config.max_queue,
+                                   remote_share=config.peer_queue_share)
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
         self.policy = PolicyRuntime(config.policy, timeout_ms=config.policy_timeout_ms,
@@ -85,6 +87,8 @@ class Node:
                                      router=self.policy.route, capacity=self.capacity,
                                      peer=key.peer_id if key is not None else None)
         self.gate = Gate(config.home)
+        self.peer_gate = PeerGate(peer_limits(config), public=config.swarm == "public",
+                                  has_tenants=lambda: not self.gate.open)
         self.serving = Serving(self.dispatcher, self.gate)
         self.images = ImageService(self.serving, self.capacity, image_limits(config))
         self.mesh: Mesh | None = None
@@ -117,6 +121,7 @@ class Node:
         status.update(self.capacity.status())  # devices, unavailable models, images
         status["images"].update(self.images.status())
         status["tenancy"] = self.gate.status()
+        status["tenancy"]["peers"] = self.peer_gate.status()
         if self.mesh is not None:
             status.update(self.mesh.status())
         return status
@@ -168,15 +173,17 @@ class Node:
         return out
 
     def build_mesh(self) -> Mesh:
+        """The mesh of this node's swarm (:func:`open_swarm`: its name, key and members)."""
         assert self.key is not None
         c = self.config
         verifier = Verifier()
         executor = Executor(self.key, verifier, self.dispatcher.run_here, self.limits,
                             jurisdiction=c.jurisdiction, audit=self.audit,
-                            prices=self.prices())
+                            prices=self.prices(), peers=self.peer_gate)
+        swarm, psk, members = open_swarm(c)
         mesh_config = MeshConfig(
-            listen=c.p2p_listen, peers=c.peers, bootstrap=c.bootstrap, swarm=c.swarm,
-            mdns=c.mdns, dht=c.dht, psk=c.psk, allow=c.allow_peers,
+            listen=c.p2p_listen, peers=(*c.peers, *members), bootstrap=c.bootstrap,
+            swarm=swarm, mdns=c.mdns, dht=c.dht, psk=psk, allow=c.allow_peers,
             jurisdiction=c.jurisdiction, advert_interval_s=c.advert_interval,
             suspect_after_s=c.suspect_after, dead_after_s=c.dead_after,
             advert_budget=c.advert_budget, probe_above=c.probe_above, probes=c.probes,
@@ -211,15 +218,50 @@ async def _serve_http(node: Node, shutdown: trio.Event,
         raise
 
 
+def open_swarm(config: NodeConfig) -> tuple[str, str | None, tuple[str, ...]]:
+    """(the swarm's public name, its pnet key in hex or None, members to dial): the open
+    swarm; or a private one: the configured ``psk``, else an invitation joined now, else
+    ``$RBEE_HOME/swarm.key`` (created on first start: a new private swarm)."""
+    from .mesh.host import psk_from_secret
+    from .store.swarm import join, joined_peers, load_or_create_swarm_key, swarm_id
+
+    if config.swarm == "public":
+        return "public", None, ()
+    if config.psk:
+        key = psk_from_secret(config.psk)
+        return swarm_id(key), key, ()
+    if config.join:
+        joined, left = join(config.home, config.join)
+        print(f"joined private swarm {joined}" + (f" (left {left}; its key is in "
+              "swarm.key.old)" if left else ""), flush=True)
+    key, created = load_or_create_swarm_key(config.home)
+    if created:
+        print(f"created private swarm {swarm_id(key)}: add machines with `rbee-node invite`",
+              flush=True)
+    return swarm_id(key), key, joined_peers(config.home)
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def check_exposure(config: NodeConfig) -> None:
-    """Refuse to serve without API keys anywhere but loopback, unless allowed."""
+    """Refuse to serve without API keys anywhere but loopback, or strangers of the open
+    swarm without per-peer limits, unless allowed."""
     host = config.host
-    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
-    if not loopback and Gate(config.home).open and not config.allow_open:
+    if not _loopback(host) and Gate(config.home).open and not config.allow_open:
         raise ConfigError(
             f"--host {host} would serve anyone on the network without an API key: add a "
             "tenant first (`rbee-node tenants add NAME`), or pass --allow-open "
             "(allow_open = true) to serve openly on purpose")
+    exposed = [a for a in config.p2p_listen if not _loopback(a.split("/")[2])]
+    unlimited = 0 in peer_limits(config)[:2]
+    if config.p2p and config.swarm == "public" and exposed and unlimited \
+            and not config.allow_open:
+        raise ConfigError(
+            f"the open swarm on {exposed[0]} with peer_concurrent or peer_rpm = 0 would let "
+            "any stranger use all of this machine: set per-peer limits, or pass --allow-open "
+            "to do so on purpose")
 
 
 async def run_node(config: NodeConfig, *, handle_signals: bool = True,
@@ -251,8 +293,8 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
                 await http.start(_serve_http, node, shutdown)
                 print(f"rbee-node {__version__} peer {node.peer_id}", flush=True)
                 if node.mesh is not None:
-                    print(f"mesh: swarm {config.swarm!r} on {', '.join(node.mesh.addrs())}",
-                          flush=True)
+                    print(f"mesh: {config.swarm} swarm {node.mesh.config.swarm} on "
+                          f"{', '.join(node.mesh.addrs())}", flush=True)
                 print(f"serving {', '.join(e.card.name for e in engines) or 'no models'} "
                       f"on {node.status()['url']}", flush=True)
                 if on_ready:

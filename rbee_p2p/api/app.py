@@ -48,7 +48,8 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
     gate = serving.gate
 
     def tenant() -> Tenant | None:
-        return gate.authenticate(request.headers.get("Authorization"))
+        return gate.authenticate(request.headers.get("Authorization"),
+                                 request.remote_addr or "")
 
     async def text_route(kind: str) -> Response:
         who = tenant()
@@ -97,6 +98,7 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
 
     @app.get("/rbee/status")
     async def rbee_status() -> Response:
+        gate.authorize_admin(request.headers.get("Authorization"), request.remote_addr or "")
         return _json(status())
 
     @app.errorhandler(RequestError)

@@ -29,6 +29,36 @@ def _cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_invite(args: argparse.Namespace) -> int:
+    """Print a token with which another machine joins this node's private swarm."""
+    from ..config import load_config
+    from ..mesh.host import psk_from_secret
+    from ..store.keys import load_or_create_key
+    from ..store.swarm import load_or_create_swarm_key, make_invite, swarm_id
+
+    config = load_config(args.config)
+    if config.swarm == "public":
+        raise ConfigError("this node is in the open swarm (swarm = \"public\"): anyone may "
+                          "join it, no invitation needed")
+    peer = load_or_create_key(key_path(config.home)).peer_id_str
+    if config.psk:
+        key = psk_from_secret(config.psk)
+    else:
+        key, created = load_or_create_swarm_key(config.home)
+        if created:
+            print(f"created private swarm {swarm_id(key)}", file=sys.stderr)
+    addrs = [a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in args.addr]
+    if not addrs:
+        from ..mesh.service import listen_addrs
+
+        addrs = [f"{a}/p2p/{peer}" for a in listen_addrs(config.p2p_listen)]
+    print(f"Invitation to private swarm {swarm_id(key)} (it holds the swarm's key: share it "
+          "only with machines of yours).  On the other machine run:", file=sys.stderr)
+    print(f"  rbee-node start --join {make_invite(key, addrs)}", file=sys.stderr)
+    print(make_invite(key, addrs))
+    return 0
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
     import logging
 
@@ -43,7 +73,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "default_model": False if args.no_default_model else None,
              "models": [parse_model_arg(m) for m in args.model],
              "p2p_listen": args.p2p_listen or None, "peers": args.peer or None,
-             "bootstrap": args.bootstrap or None, "swarm": args.swarm,
+             "bootstrap": args.bootstrap or None, "swarm": args.swarm, "join": args.join,
              "mdns": False if args.no_mdns else None, "dht": False if args.no_dht else None,
              "p2p": False if args.no_p2p else None, "jurisdiction": args.jurisdiction,
              "fake_models": args.fake_model or None,
@@ -64,10 +94,30 @@ def _fetch_status(url: str) -> dict[str, Any] | None:
     import urllib.error
     import urllib.request
 
+    from ..tenancy.gate import admin_key
+
+    import os
+
+    headers = {}
+    try:  # the node's own status needs its admin key once it has tenants
+        key = os.environ.get("RBEE_ADMIN_KEY") or admin_key(data_dir())
+    except OSError:
+        key = None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    call = urllib.request.Request(f"{url.rstrip('/')}/rbee/status", headers=headers)
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/rbee/status", timeout=10) as response:
+        with urllib.request.urlopen(call, timeout=10) as response:
             status: dict[str, Any] = json.load(response)
             return status
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            print("rbee-node: the node has tenants, so its status needs its admin key: run "
+                  "this where $RBEE_HOME/admin.key is readable, or set RBEE_ADMIN_KEY",
+                  file=sys.stderr)
+        else:
+            print(f"rbee-node: the node at {url} answered {exc.code}", file=sys.stderr)
+        return None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"rbee-node: cannot reach a node at {url}: {exc}", file=sys.stderr)
         return None
@@ -309,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a static peer, /ip4/…/tcp/…/p2p/<id> (repeatable)")
     mesh.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a DHT bootstrap node (repeatable)")
-    mesh.add_argument("--swarm", metavar="NAME", help="swarm name (default 'default')")
+    mesh.add_argument("--swarm", choices=("private", "public"),
+                      help="private (default: members only, a swarm key in $RBEE_HOME) or "
+                           "public (the open swarm: strangers under per-peer limits)")
+    mesh.add_argument("--join", metavar="TOKEN",
+                      help="join the private swarm of an invitation (`rbee-node invite`)")
     mesh.add_argument("--jurisdiction", metavar="CODE",
                       help="what this node's advert claims, e.g. EU or US")
     mesh.add_argument("--no-mdns", action="store_true", help="no mDNS discovery on the LAN")
@@ -329,6 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="(testing) also serve a scripted model at a fixed token rate")
     p_start.add_argument("-v", "--verbose", action="store_true", help="log more")
     p_start.set_defaults(func=_cmd_start)
+
+    p_invite = sub.add_parser(
+        "invite", help="print an invitation for another machine to join this private swarm",
+        description="Print a token carrying this private swarm's key and this node's "
+                    "addresses; `rbee-node start --join TOKEN` on another machine makes it a "
+                    "member.  The token is the swarm's secret: share it only with your own "
+                    "machines.")
+    p_invite.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    p_invite.add_argument("--addr", action="append", default=[], metavar="MULTIADDR",
+                          help="an address the other machine can dial (repeatable; default: "
+                               "this node's p2p listen addresses)")
+    p_invite.set_defaults(func=_cmd_invite)
 
     p_peers = sub.add_parser("peers", help="list the peers a running node sees")
     p_peers.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",

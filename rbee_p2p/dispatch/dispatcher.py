@@ -229,7 +229,7 @@ class Dispatcher:
         else:
             assert request.text is not None
             prepared = engine.prepare(request.text)
-        self.scheduler.check(engine)
+        self.scheduler.check(engine, remote=not entry)
         return LocalJob(self, engine, request, prepared, stamp, entry=entry,
                         request_id=request_id)
 

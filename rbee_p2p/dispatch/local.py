@@ -58,7 +58,7 @@ class LocalJob:
         started = time.perf_counter()
         outcome = "error"
         try:
-            async with self.dispatcher.scheduler.admit(self.engine):
+            async with self.dispatcher.scheduler.admit(self.engine, remote=not self.entry):
                 if self.request.kind == "embedding":
                     await self._embed()
                 elif self.request.kind == "image":

@@ -1,9 +1,11 @@
 """Fair, bounded admission in front of the engines.
 
-Each model runs one job at a time (its model thread).  Requests wait in a FIFO
-(``trio.CapacityLimiter`` is fair) of at most ``max_queue`` entries; beyond that they are
-refused at once with :class:`Busy` and a Retry-After estimate.  Queue depth and active jobs
-are observable (they feed the capability adverts).
+Each model runs one job at a time (its model thread).  Requests wait in FIFO order, at
+most ``max_queue`` of them; beyond that they are refused at once with :class:`Busy` and a
+Retry-After estimate.  Jobs run for peers (``remote``) wait behind every local request and
+may fill at most ``remote_share`` of the queue: a flood from peers never makes a local
+request wait for more than the job that is running, nor refuses it.  Queue depth and
+active jobs are observable (they feed the capability adverts).
 """
 
 from __future__ import annotations
@@ -27,16 +29,48 @@ class ModelLoad:
     active: int
 
 
+class _Turn:
+    """One job at a time; the waiting local jobs first, then peers' (each FIFO).  The turn
+    passes straight to the next waiter, who cannot be cancelled once handed it."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.local = trio.lowlevel.ParkingLot()
+        self.remote = trio.lowlevel.ParkingLot()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.local) + len(self.remote)
+
+    async def acquire(self, remote: bool) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self.busy:
+            self.busy = True
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await (self.remote if remote else self.local).park()  # woken holding the turn
+
+    def release(self) -> None:
+        for lot in (self.local, self.remote):
+            if lot:
+                lot.unpark()
+                return
+        self.busy = False
+
+
 class _Slot:
     def __init__(self, engine: TextEngine) -> None:
         self.engine = engine
-        self.limiter = trio.CapacityLimiter(1)
+        self.turn = _Turn()
         self.mean_seconds = 1.0  # moving average of job durations, for Retry-After
 
 
 class Scheduler:
-    def __init__(self, engines: Iterable[TextEngine], max_queue: int = 16) -> None:
+    def __init__(self, engines: Iterable[TextEngine], max_queue: int = 16,
+                 remote_share: float = 0.5) -> None:
         self.max_queue = max_queue
+        # peers' jobs waiting: their share, at least one (if any may wait)
+        self.remote_queue = min(max_queue, max(1, int(max_queue * remote_share)))
         self._slots: dict[str, _Slot] = {}
         self._names: dict[str, str] = {}
         # configured here but not loaded (no room, no torch): name -> why (set by the node)
@@ -68,29 +102,32 @@ class Scheduler:
                                 "node", param="model") from None
 
     def load(self, name: str) -> ModelLoad:
-        stats = self._slots[self._names[name]].limiter.statistics()
-        return ModelLoad(queue_depth=stats.tasks_waiting, active=stats.borrowed_tokens)
+        turn = self._slots[self._names[name]].turn
+        return ModelLoad(queue_depth=turn.waiting, active=int(turn.busy))
 
-    def check(self, engine: TextEngine) -> None:
-        """Raise :class:`Busy` (with a Retry-After estimate) if ``engine``'s queue is full."""
+    def check(self, engine: TextEngine, remote: bool = False) -> None:
+        """Raise :class:`Busy` (with a Retry-After estimate) if ``engine``'s queue is full,
+        or (``remote``) peers' share of it."""
         slot = self._slots[engine.card.name]
-        stats = slot.limiter.statistics()
-        if stats.borrowed_tokens and stats.tasks_waiting >= self.max_queue:
-            wait = (stats.tasks_waiting + 1) * slot.mean_seconds
-            raise Busy(f"model {engine.card.name} is busy ({stats.tasks_waiting} requests "
-                       "queued); retry later", retry_after=max(1, math.ceil(wait)))
+        turn = slot.turn
+        waiting = len(turn.remote) if remote else turn.waiting
+        limit = self.remote_queue if remote else self.max_queue
+        if turn.busy and waiting >= limit:
+            wait = (turn.waiting + 1) * slot.mean_seconds
+            who = "requests from peers" if remote else "requests"
+            raise Busy(f"model {engine.card.name} is busy ({waiting} {who} queued); retry "
+                       "later", retry_after=max(1, math.ceil(wait)))
 
     @asynccontextmanager
-    async def admit(self, engine: TextEngine) -> AsyncIterator[None]:
-        """Wait for ``engine``'s turn (FIFO); :class:`Busy` at once if the queue is full.
-
-        Cancel-safe: a cancelled waiter leaves the queue.
-        """
-        self.check(engine)
+    async def admit(self, engine: TextEngine, remote: bool = False) -> AsyncIterator[None]:
+        """Wait for ``engine``'s turn (local jobs first, each kind FIFO); :class:`Busy` at
+        once if the queue is full.  Cancel-safe: a cancelled waiter leaves the queue."""
+        self.check(engine, remote)
         slot = self._slots[engine.card.name]
         self._changed()  # one more waiting
         try:
-            async with slot.limiter:
+            await slot.turn.acquire(remote)
+            try:
                 self._changed()  # running
                 start = trio.current_time()
                 try:
@@ -98,6 +135,8 @@ class Scheduler:
                 finally:
                     elapsed = trio.current_time() - start
                     slot.mean_seconds = 0.8 * slot.mean_seconds + 0.2 * elapsed
+            finally:
+                slot.turn.release()
         finally:
             self._changed()  # done (or gave up waiting)
 

@@ -15,12 +15,12 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import trio
 
 from ..dispatch.request import Job, Limits, Request
-from ..errors import Busy, RequestError, spec
+from ..errors import Busy, QuotaExceeded, RequestError, spec
 from ..protocol.envelope import Verifier, seal
 from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
@@ -61,6 +61,15 @@ Runner = Callable[..., Job]
 """``run(request, model_digest=, admit_by_ms=, now_ms=, request_id=)``: the node's
 dispatcher admitting a peer's request to its own engines (``Dispatcher.run_here``).
 Returns the job unstarted; raises RequestError (not here, bad request, busy)."""
+
+
+class PeerAdmission(Protocol):
+    """Per-peer limits on peers' jobs (the node's ``tenancy.peers.PeerGate``)."""
+
+    def admit(self, peer: bytes, model: str, reserve: int, tenant_ref: bytes | None) -> Any:
+        """Raises RequestError (Forbidden, QuotaExceeded)."""
+
+    def finish(self, admitted: Any, tokens: int) -> None: ...
 
 
 class _Reply:
@@ -109,8 +118,10 @@ class Executor:
     def __init__(self, key: NodeKey, verifier: Verifier, run: Runner, limits: Limits,
                  *, jurisdiction: str = "", audit: AuditWriter | None = None,
                  timing: Timing = Timing(), max_frame: int = 1 << 20,
-                 prices: Mapping[str, tuple[int, int, int]] | None = None) -> None:
+                 prices: Mapping[str, tuple[int, int, int]] | None = None,
+                 peers: PeerAdmission | None = None) -> None:
         self.key = key
+        self.peers = peers  # per-peer limits (None: none, for tests of other parts)
         self.verifier = verifier
         self.run = run
         self.limits = limits
@@ -171,19 +182,32 @@ class Executor:
                                f"must stay in {message.residency}", message.request_id)
             await self._audit_refusal(message, remote, "forbidden")
             return
+        admitted = None
         try:
             request = from_wire(message, self.limits)
+            if self.peers is not None:
+                admitted = self.peers.admit(remote, request.model, request.tokens_estimate(),
+                                            message.tenant_ref)
             job = self.run(request, model_digest=message.model_digest,
                            admit_by_ms=message.admit_by_ms, now_ms=now_ms(),
                            request_id=message.request_id)
             mark("b_received", message.request_id, received)
             mark("b_admitted", message.request_id)
         except RequestError as exc:
-            retry = int(exc.retry_after * 1000) if isinstance(exc, Busy) else None
+            if admitted is not None:
+                self.peers.finish(admitted, 0)  # type: ignore[union-attr]
+            retry = int(exc.retry_after * 1000) if isinstance(exc, (Busy, QuotaExceeded)) \
+                else None
             await self._refuse(frames, spec(exc).wire, str(exc), message.request_id, retry)
             await self._audit_refusal(message, remote, spec(exc).wire)
             return
-        await self._execute(frames, remote, message, raw, session, request, job)
+        try:
+            await self._execute(frames, remote, message, raw, session, request, job)
+        finally:
+            if admitted is not None:
+                done = job.completion
+                self.peers.finish(  # type: ignore[union-attr]
+                    admitted, done.prompt_tokens + done.completion_tokens)
 
     async def _execute(self, frames: FrameStream, remote: bytes, request: InferenceRequest,
                        request_raw: bytes, session: InferenceSession, what: Request,

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import multiaddr
 import trio
@@ -32,7 +32,7 @@ from .settings import (PROBE_ID, LocalInfo, MeshConfig, advert_topic, liveness_s
                        reminder_interval_s, rendezvous_key)
 
 __all__ = ["MeshConfig", "LocalInfo", "Mesh", "advert_topic", "rendezvous_key", "PROBE_ID",
-           "reminder_interval_s", "liveness_s"]
+           "reminder_interval_s", "liveness_s", "listen_addrs"]
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,7 @@ class Mesh:
         """Our dialable multiaddrs, each ending in /p2p/<id>."""
         if self.host is None:
             return []
-        out = []
-        for addr in self.host.get_addrs():
-            text = str(addr)
-            if "/ip4/0.0.0.0/" in text:
-                out += [text.replace("0.0.0.0", ip) for ip in _local_ipv4()]
-            else:
-                out.append(text)
-        return out
+        return listen_addrs(str(a) for a in self.host.get_addrs())
 
     async def _age_table(self) -> None:
         while True:
@@ -289,6 +282,17 @@ class Mesh:
 
 def _rounded(ms: float | None) -> float | None:
     return None if ms is None else round(ms, 2)
+
+
+def listen_addrs(listen: Iterable[str]) -> list[str]:
+    """Listen multiaddrs as others can dial them: 0.0.0.0 becomes each local address."""
+    out = []
+    for text in listen:
+        if "/ip4/0.0.0.0/" in text:
+            out += [text.replace("0.0.0.0", ip) for ip in _local_ipv4()]
+        else:
+            out.append(text)
+    return out
 
 
 def _local_ipv4() -> list[str]:

@@ -188,11 +188,24 @@ class Quotas:
     reservation and adds the tokens it used.  Time is the caller's (seconds since the epoch).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int | None = None) -> None:
         self.usage: dict[str, _Usage] = {}
+        self.cap = cap  # usage kept for at most this many names (peers: bounded state)
 
     def _usage(self, tenant: Tenant) -> _Usage:
-        return self.usage.setdefault(tenant.name, _Usage())
+        found = self.usage.get(tenant.name)
+        if found is None:
+            if self.cap is not None and len(self.usage) >= self.cap:
+                self._forget_idle()
+            found = self.usage[tenant.name] = _Usage()
+        return found
+
+    def _forget_idle(self) -> None:
+        """Make room: drop the oldest half of the names with nothing in flight (their
+        counts start again if they come back; what is in flight is kept)."""
+        idle = [name for name, u in self.usage.items() if u.in_flight == 0]
+        for name in idle[:max(1, len(idle) // 2)]:
+            del self.usage[name]
 
     def refused(self, tenant: Tenant, status: int) -> None:
         u = self._usage(tenant)

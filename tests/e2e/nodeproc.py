@@ -21,6 +21,9 @@ def free_port() -> int:
 
 
 READY = re.compile(r"^serving .* on http", re.M)  # not "serving a scripted model ..."
+E2E_SWARM = "rbee-e2e-swarm"
+"""The private swarm's passphrase the tests' nodes share (each has its own home, so each
+would otherwise found a swarm of its own); ``env_psk=None`` leaves a node to the default."""
 
 
 class NodeProcess:
@@ -28,7 +31,7 @@ class NodeProcess:
 
     def __init__(self, home: Path, *args: str, port: int | None = None,
                  p2p_port: int | None = None, prefix: tuple[str, ...] = (),
-                 env_psk: str | None = None, p2p_host: str = "127.0.0.1") -> None:
+                 env_psk: str | None = E2E_SWARM, p2p_host: str = "127.0.0.1") -> None:
         self.port = port or free_port()
         self.p2p_port = p2p_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,7 +39,8 @@ class NodeProcess:
         home.mkdir(parents=True, exist_ok=True)
         exe = shutil.which("rbee-node")
         assert exe, "rbee-node is not installed (pip install -e .)"
-        env = {**os.environ, "RBEE_HOME": str(home)}
+        env = {k: v for k, v in os.environ.items() if k not in ("RBEE_PSK", "RBEE_JOIN")}
+        env["RBEE_HOME"] = str(home)
         if env_psk is not None:
             env["RBEE_PSK"] = env_psk
         self.peer_id = subprocess.run([exe, "id"], env=env, capture_output=True, text=True,
@@ -75,9 +79,12 @@ class NodeProcess:
         self._out.close()
 
     def status(self) -> dict:
+        """/rbee/status, with the node's admin key (needed once it has tenants)."""
         import httpx
 
-        return httpx.get(self.url + "/rbee/status", timeout=10).json()
+        key = self.log.parent / "admin.key"
+        headers = {"Authorization": f"Bearer {key.read_text().strip()}"} if key.exists() else {}
+        return httpx.get(self.url + "/rbee/status", headers=headers, timeout=10).json()
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition") -> dict:
         """Poll /rbee/status until ``predicate(status)``; bounded."""

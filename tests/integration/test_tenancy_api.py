@@ -229,3 +229,48 @@ def test_exposure_without_keys_needs_consent(tmp_path, host, tenants, allow_open
             check_exposure(config)
     else:
         check_exposure(config)
+
+
+@pytest.mark.parametrize("swarm, limits, listen, refused", [
+    ("public", {"peer_rpm": 0}, "/ip4/0.0.0.0/tcp/7834", True),
+    ("public", {"peer_concurrent": 0}, "/ip4/0.0.0.0/tcp/7834", True),
+    ("public", {}, "/ip4/0.0.0.0/tcp/7834", False),  # the open swarm's default limits
+    ("public", {"peer_rpm": 0}, "/ip4/127.0.0.1/tcp/7834", False),
+    ("private", {"peer_rpm": 0}, "/ip4/0.0.0.0/tcp/7834", False),  # members only
+])
+def test_exposure_covers_the_p2p_listener(tmp_path, swarm, limits, listen, refused):
+    config = NodeConfig(home=tmp_path, swarm=swarm, p2p_listen=(listen,), **limits)
+    if refused:
+        with pytest.raises(ConfigError, match="any stranger"):
+            check_exposure(config)
+    else:
+        check_exposure(config)
+
+
+async def test_status_needs_the_admin_key_once_tenants_exist(tmp_path, autojump_clock):
+    _, _, _, _, client = make(tmp_path)
+    assert (await client.get("/rbee/status")).status_code == 200  # open node: the local user
+    node, keys, _, _, client = make(tmp_path, acme={})
+    for headers in ({}, auth(keys["acme"]), auth("rbee-admin-nope")):
+        r = await client.get("/rbee/status", headers=headers)
+        assert r.status_code == 401 and "admin key" in (await r.get_json())["error"]["message"]
+    admin = (tmp_path / "admin.key").read_text().strip()
+    assert oct((tmp_path / "admin.key").stat().st_mode & 0o777) == "0o600"
+    r = await client.get("/rbee/status", headers=auth(admin))
+    assert r.status_code == 200 and (await r.get_json())["tenancy"]["tenants"] == 1
+
+
+async def test_key_guessing_is_rate_limited_per_source(tmp_path, autojump_clock):
+    node, keys, _, now, client = make(tmp_path, acme={})
+    for i in range(20):
+        r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(f"rbee-{i}"))
+        assert r.status_code == 401
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth("rbee-21"))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    # even the right key waits: a guesser cannot tell a hit while blocked
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 429
+    now[0] += 61
+    r = await client.post("/v1/chat/completions", json=CHAT, headers=auth(keys["acme"]))
+    assert r.status_code == 200
+    assert node.status()["tenancy"]["guesses_refused"] == 2

@@ -108,11 +108,12 @@ def test_the_annotated_example_is_valid_and_states_the_defaults(tmp_path):
 
 def test_mesh_settings_from_file_env_and_flags(tmp_path):
     (tmp_path / "rbee-node.toml").write_text(
-        'swarm = "lab"\npeers = ["/ip4/10.0.0.2/tcp/7834/p2p/12D3KooWx"]\nmdns = false\n'
+        'swarm = "public"\npeers = ["/ip4/10.0.0.2/tcp/7834/p2p/12D3KooWx"]\nmdns = false\n'
         'jurisdiction = "EU"\nallow_peers = ["12D3KooWa", "12D3KooWb"]\nmax_peers = 100\n')
-    env = {"RBEE_HOME": str(tmp_path), "RBEE_SWARM": "prod", "RBEE_PSK": "secret"}
+    env = {"RBEE_HOME": str(tmp_path), "RBEE_SWARM": "private", "RBEE_PSK": "secret"}
     config = load_config(env=env, flags={"dht": False, "p2p_listen": ["/ip4/127.0.0.1/tcp/0"]})
-    assert (config.swarm, config.psk, config.mdns, config.dht) == ("prod", "secret", False, False)
+    assert (config.swarm, config.psk, config.mdns, config.dht) == (
+        "private", "secret", False, False)
     assert config.peers == ("/ip4/10.0.0.2/tcp/7834/p2p/12D3KooWx",)
     assert config.allow_peers == ("12D3KooWa", "12D3KooWb") and config.max_peers == 100
     assert config.p2p_listen == ("/ip4/127.0.0.1/tcp/0",) and config.jurisdiction == "EU"
@@ -122,6 +123,11 @@ def test_mesh_settings_from_file_env_and_flags(tmp_path):
     ("peers = 3", "list of strings"),
     ("suspect_after = 9.0", "suspect_after < dead_after"),
     ("jurisdiction = 'EUROPEAN-UNION'", "at most 8 bytes"),
+    ("swarm = 'lab'", "'private' .* or 'public'"),
+    ("swarm = 'public'\npsk = 'x'", "makes a private swarm"),
+    ("psk = 'x'\njoin = 'y'", "pick one"),
+    ("peer_rpm = -1", "peer limits"),
+    ("peer_queue_share = 0.0", "peer_queue_share"),
     ("max_peers = 0", "max_peers"),
 ])
 def test_bad_mesh_settings(tmp_path, text, match):
