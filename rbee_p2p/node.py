@@ -206,7 +206,12 @@ async def _serve_http(node: Node, shutdown: trio.Event,
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 10.0
-    hc.keep_alive_timeout = 30.0
+    # a connection with no request in progress -- idle between requests, or still sending
+    # its first one's headers (slowloris) -- is closed after this long; headers are at most
+    # h11_max_incomplete_size (16 KiB).  (read_timeout would also cut long SSE streams,
+    # whose clients send nothing.)
+    hc.keep_alive_timeout = 5.0
+    raise_fd_limit()
     try:
         await serve(node.app, hc, shutdown_trigger=shutdown.wait,  # type: ignore[arg-type]
                     task_status=task_status)
@@ -243,6 +248,26 @@ def open_swarm(config: NodeConfig) -> tuple[str, str | None, tuple[str, ...]]:
 
 def _loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    """Lift the soft open-files limit towards the hard one (often 1024 < 1M): every HTTP
+    and p2p connection is a descriptor, and a flood of half-open ones must not reach it
+    before the idle timeout closes them.  Returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning("open-files limit is %d: a connection flood may exhaust it (raise it "
+                    "with `ulimit -n` or LimitNOFILE= in the service file)", soft)
+    return soft
 
 
 def check_exposure(config: NodeConfig) -> None:
