@@ -38,6 +38,7 @@ __all__ = [
     "ModelNotFound",
     "PayloadTooLarge",
     "Busy",
+    "Unreachable",
     "ModelUnavailable",
     "EngineFailure",
     "Unauthorized",
@@ -90,6 +91,11 @@ class Busy(RequestError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unreachable(Busy):
+    """Every node serving the model is unreachable right now (gone, restarting, cut off):
+    a 503 with a Retry-After and a plain message, not the transport's details."""
 
 
 class ModelUnavailable(RequestError):
@@ -147,6 +153,7 @@ ERRORS: dict[type[RequestError], ErrorSpec] = {
     Forbidden: ErrorSpec(403, "permission_error", "forbidden", "forbidden"),
     QuotaExceeded: ErrorSpec(429, "requests", "rate_limit_exceeded", "busy"),
     Busy: ErrorSpec(503, "server_error", "overloaded", "busy"),
+    Unreachable: ErrorSpec(503, "server_error", "model_unreachable", "busy"),
     ModelUnavailable: ErrorSpec(503, "server_error", "model_unavailable", "model_not_found"),
     EngineFailure: ErrorSpec(500, "server_error", "engine_failure", "internal"),
     PeerUnavailable: ErrorSpec(502, "server_error", "peer_unavailable", "internal"),

@@ -22,7 +22,7 @@ import trio
 from ..engines.base import Completion, TextEngine
 from ..engines.scheduler import Scheduler
 from ..errors import (Busy, Forbidden, InvalidRequest, ModelNotFound, ModelUnavailable,
-                      PeerRefused, PeerUnavailable, RequestError)
+                      PeerRefused, PeerUnavailable, RequestError, Unreachable)
 from ..routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestFacts, Snapshot,
                        TenantFacts, decide, expected_ms, fastest)
 from ..routing.probing import refuses
@@ -33,6 +33,7 @@ from .request import Job, Request, Stamp
 __all__ = ["Dispatcher", "Failover", "Remote", "Router", "builtin_router", "request_facts"]
 
 log = logging.getLogger(__name__)
+UNREACHABLE_RETRY_S = 5  # Retry-After when no node serving a model can be reached
 
 Router = Callable[[RequestFacts, Snapshot], Awaitable[Decision]]
 
@@ -69,6 +70,11 @@ class Remote(Protocol):
         ...
 
     def report_failure(self, peer_id: str) -> None: ...
+
+    def gone_since(self, model: str) -> float | None:
+        """Seconds since the last peer serving ``model`` died or left, if that was recent
+        (None: no peer served it lately)."""
+        ...
 
     def models(self) -> list[tuple[str, str, str]]:
         """(model, modality, peer id) for every model a live peer advertises."""
@@ -168,6 +174,12 @@ class Dispatcher:
         peers = await remote.candidates(facts.model, facts.modality) if remote else ()
         if local is None and not (remote is not None and
                                   remote.serves(facts.model, facts.modality)):
+            ago = remote.gone_since(facts.model) if remote is not None else None
+            if ago is not None and self.scheduler.find(facts.model) is None \
+                    and facts.model not in self.scheduler.unavailable:
+                raise Unreachable(f"model {facts.model} is served only by nodes that went "
+                                  f"away {ago:.0f} s ago; retry when one is back",
+                                  retry_after=UNREACHABLE_RETRY_S)
             self.scheduler.lookup(facts.model)  # raises ModelNotFound / ModelUnavailable
         decision = await self.router(facts, Snapshot(local, peers, int(time.time() * 1000)))
         if isinstance(decision, Ranked):
@@ -214,6 +226,10 @@ class Dispatcher:
                 failure = exc
             except Busy as exc:
                 failure = exc
+        if isinstance(failure, PeerUnavailable) and not isinstance(failure, PeerRefused):
+            # the details (the transport's) are in the log; the client gets a plain answer
+            raise Unreachable(f"no node serving {request.model} can be reached right now; "
+                              "retry in a few seconds", retry_after=UNREACHABLE_RETRY_S)
         if failure is not None:
             raise failure
         raise Busy(f"every node serving {request.model} is busy; retry later", retry_after=1)

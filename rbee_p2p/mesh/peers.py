@@ -33,6 +33,10 @@ __all__ = ["PeerView"]
 log = logging.getLogger(__name__)
 
 
+GONE_S = 600.0
+"""How long a model whose peers all went away is answered 503 "retry", not 404."""
+
+
 class PeerView:
     """The peers as routing sees them (``dispatch.Remote``'s read side).  ``host`` is set
     once the libp2p host runs (probes need it)."""
@@ -57,6 +61,8 @@ class PeerView:
         # the models requests name, so capped; the per-peer maps above leave with the peer
         self._pools: dict[str, tuple[float, set[str]]] = Capped(MAX_MODELS)
         self._large: dict[str, bool] = Capped(MAX_MODELS)
+        # model -> when the last peer known to serve it left the table (monotonic seconds)
+        self._departed: dict[str, float] = Capped(MAX_MODELS)
         membership.forget_listeners.append(self.forget)
 
     def peers(self) -> tuple[PeerFacts, ...]:
@@ -101,12 +107,27 @@ class PeerView:
         log.warning("peer %s marked suspect", short(peer_id))
 
     def forget(self, peer: bytes) -> None:
-        """The peer left the table: drop all that is kept of it."""
+        """The peer left the table: drop all that is kept of it (but that its models
+        were served until now)."""
         self.standings.pop(peer, None)
         cached = self._facts.pop(peer, None)
         if cached is not None:  # names are only ever learnt from the cached facts
             self._ids.pop(cached[1].id, None)
             self._keys.pop(cached[1].id, None)
+            for model in cached[1].models:
+                self._departed[model.name] = trio.current_time()
+
+    def gone_since(self, model: str) -> float | None:
+        """Seconds since the last peer serving ``model`` was heard of, if it is dead (still
+        in the table) or left the table within :data:`GONE_S`; else None."""
+        now = now_ms()
+        ages = [e.age_ms(now) / 1000 for e in self.table.peers.values()
+                if e.state is PeerState.DEAD and any(m.name == model for m in e.advert.models)]
+        left = self._departed.get(model)
+        if left is not None:
+            ages.append(trio.current_time() - left)
+        recent = [a for a in ages if a < GONE_S]
+        return min(recent) if recent else None
 
     def sweep(self) -> None:
         """Drop what is kept of peers not in the table (e.g. a refusal from a peer that

@@ -247,6 +247,9 @@ class Mesh:
     def report_failure(self, peer_id: str) -> None:
         self.view.report_failure(peer_id)
 
+    def gone_since(self, model: str) -> float | None:
+        return self.view.gone_since(model)
+
     async def start(self, peer: str, request: Request, stamp: Stamp = Stamp()) -> RemoteJob:
         """See :meth:`Client.start`."""
         return await self.client.start(peer, request, stamp)

@@ -187,7 +187,21 @@ def test_a_restarted_static_peer_is_back_within_seconds(nodes, tmp_path):
         n.wait_ready()
     a.wait_for(knows("m", b.peer_id), 15, "B at A")
     b.kill()
-    a.wait_for(lambda s: not knows("m", b.peer_id)(s), 3 * DEAD_AFTER, "B dead at A")
+    # while the model's only peer is down: a plain 503 with Retry-After, first while B is
+    # still thought alive (the dial fails), then once it is dead -- never a 500 carrying
+    # libp2p's words, nor a 404 "does not exist"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    seen = set()
+    deadline = time.monotonic() + 3 * DEAD_AFTER
+    while time.monotonic() < deadline and "dead" not in seen:
+        r = httpx.post(a.url + "/v1/chat/completions", json=chat, timeout=30)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+        error = r.json()["error"]
+        assert error["code"] == "model_unreachable", error
+        assert "libp2p" not in error["message"] and "Error" not in error["message"]
+        seen.add("dead" if "went away" in error["message"] else "dialled")
+        time.sleep(0.2)
+    assert seen == {"dialled", "dead"} or seen == {"dead"}, seen
     time.sleep(2)  # A's dials to B fail meanwhile (libp2p remembers that for 60 s)
     again = NodeProcess(tmp_path / "b", "--no-default-model", "--fake-model", "m:1000",
                         port=b.port, p2p_port=b.p2p_port)  # same identity, same address

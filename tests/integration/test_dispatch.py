@@ -4,7 +4,7 @@ import pytest
 
 from rbee_p2p.api.schemas import Limits, parse_chat
 from rbee_p2p.dispatch import Dispatcher, LocalJob
-from rbee_p2p.errors import PeerRefused, PeerUnavailable
+from rbee_p2p.errors import PeerRefused, PeerUnavailable, Unreachable, spec
 from rbee_p2p.engines.base import Completion
 from rbee_p2p.engines.fake import ScriptedEngine
 from rbee_p2p.engines.scheduler import Scheduler
@@ -34,6 +34,10 @@ class FakeRemote:
         self.peers_, self.fail, self.busy, self.bad = peers, set(fail), set(busy), set(bad)
         self.dies, self.refuse, self.fills = set(dies), set(refuse), set(fills)
         self.tried, self.failed = [], []
+        self.gone = {}  # model -> seconds since its last peer went away
+
+    def gone_since(self, model):
+        return self.gone.get(model)
 
     async def candidates(self, model, modality):
         return tuple(PeerFacts(id=p, models=(ModelFacts("m", tokens_per_s=tps),), max_queue=16)
@@ -100,11 +104,27 @@ async def test_a_peer_whose_queue_filled_after_accepting_hands_over_too():
     assert remote.tried == ["a", "b"] and remote.failed == []  # full is not a failure
 
 
-async def test_a_peer_lost_with_no_candidate_left_is_that_failure_not_busy():
+async def test_a_peer_lost_with_no_candidate_left_is_a_plain_503_to_retry():
+    """Issue 13, item 8: not a 500 carrying libp2p's words, nor "busy"."""
     remote = FakeRemote({"a": 500.0}, dies=["a"])
     job = await dispatcher(remote, local=False).start(call())
-    with pytest.raises(PeerUnavailable, match="failed before the first token"):
+    with pytest.raises(Unreachable, match="can be reached right now") as info:
         [b async for b in job.batches()]
+    assert spec(info.value).status == 503 and info.value.retry_after >= 1
+    assert "first token" not in str(info.value)
+    with pytest.raises(Unreachable):  # unreachable at once: the same
+        await dispatcher(FakeRemote({"a": 1.0}, fail=["a"]), local=False).start(call())
+
+
+async def test_a_model_whose_peers_just_left_is_503_then_404_once_forgotten():
+    remote = FakeRemote({})
+    remote.gone["m"] = 12.0
+    with pytest.raises(Unreachable, match="went away 12 s ago") as info:
+        await dispatcher(remote, local=False).start(call())
+    assert spec(info.value).code == "model_unreachable"
+    remote.gone.clear()  # long gone (or never served): it does not exist
+    with pytest.raises(ModelNotFound):
+        await dispatcher(remote, local=False).start(call())
 
 
 async def test_a_refusing_peer_is_skipped_without_a_mark_against_it():
@@ -132,7 +152,7 @@ async def test_all_peers_failing_falls_back_to_local():
 
 async def test_without_local_model_errors_surface():
     remote = FakeRemote({"a": 100.0}, fail=["a"])
-    with pytest.raises(PeerUnavailable):
+    with pytest.raises(Unreachable):
         await dispatcher(remote, local=False).start(call())
     with pytest.raises(Busy):
         await dispatcher(FakeRemote({"a": 1.0}, busy=["a"]), local=False).start(call())
@@ -170,9 +190,11 @@ async def test_no_reachable_peer_is_a_server_error_not_a_bad_request(tmp_path, a
     node.dispatcher.remote = FakeRemote({"a": 100.0}, fail=["a"])
     r = await node.app.test_client().post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 502  # no peer could be reached: a gateway error, not a 400
+    assert r.status_code == 503  # no peer could be reached: retry later, not a 400
+    assert int(r.headers["Retry-After"]) >= 1
     error = (await r.get_json())["error"]
-    assert error["type"] == "server_error" and error["code"] == "peer_unavailable"
+    assert error["type"] == "server_error" and error["code"] == "model_unreachable"
+    assert "gone" not in error["message"]  # the transport's words stay in the log
 
 
 def test_a_peers_request_is_held_to_the_parsers_limits():
