@@ -101,6 +101,9 @@ class NodeConfig:
     join: str | None = None  # an invitation (`rbee-node invite`): join that private swarm
     allow_peers: tuple[str, ...] | None = None  # private swarm: only these peer IDs
     jurisdiction: str = ""  # what this node's advert claims, e.g. "EU"
+    # peer id -> jurisdiction its operator attests ([attested] in the TOML, --attest ID=EU):
+    # residency rules trust only these, never a peer's advert alone
+    attested: tuple[tuple[str, str], ...] = ()
     mdns_interfaces: tuple[str, ...] = ()  # interface names or addresses; empty: all
     advert_interval: float = 1.0  # seconds between adverts when nothing changes
     suspect_after: float = 3.0  # seconds without an advert before a peer is suspect
@@ -209,6 +212,16 @@ def _pins(table: Any, where: str) -> tuple[tuple[str, str], ...]:
             isinstance(k, str) and k and isinstance(v, str) and v for k, v in table.items()):
         raise ConfigError(f"{where}: must be model = \"peer id or device\" pairs")
     return tuple(sorted(table.items()))
+
+
+def _attested(table: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """``[attested]`` ``"12D3KooW…" = "EU"``: where the operator vouches a peer runs."""
+    if not isinstance(table, dict) or not all(
+            isinstance(k, str) and k.strip() and isinstance(v, str) and 0 < len(v.encode()) <= 8
+            for k, v in table.items()):
+        raise ConfigError(f"{where}: must be \"peer id\" = \"jurisdiction\" pairs (e.g. "
+                          "\"12D3KooW...\" = \"EU\"; at most 8 bytes)")
+    return tuple(sorted((k.strip(), v) for k, v in table.items()))
 
 
 _PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "per_image")
@@ -333,6 +346,8 @@ def load_config(
                 values[key] = _budgets(value, f"{file} memory_budget_mb")
             elif key == "pins":
                 values[key] = _pins(value, f"{file} pins")
+            elif key == "attested":
+                values[key] = _attested(value, f"{file} attested")
             elif key == "prices":
                 values[key] = _prices(value, f"{file} prices")
             elif key in _SCALARS or key in _LISTS:
@@ -348,6 +363,9 @@ def load_config(
         elif key == "pins":
             if value:
                 values[key] = _pins(dict(v.partition("=")[::2] for v in value), "--pin")
+        elif key == "attested":
+            if value:
+                values[key] = _attested(dict(v.partition("=")[::2] for v in value), "--attest")
         elif value is not None:
             values[key] = _convert(key, value, f"--{key.replace('_', '-')}")
     config = replace(NodeConfig(), **values, models=tuple(models))

@@ -72,14 +72,16 @@ class Views:
         standing = self.standing[e].get(c) if self.r.reputation else None
         if not cache:
             return peer_facts(self.router.id(c), advert, state, standing, FRAME_TIMEOUT_S,
-                              rtt_ms)
+                              rtt_ms, jurisdiction=advert.jurisdiction)
         key = (c, state, standing)
         cached = self.facts_cache.get(key)
         if cached is None or cached[0] is not advert or cached[1] != rtt_ms:
             if len(self.facts_cache) >= FACTS_CACHE_MAX:  # old standings' entries
                 self.facts_cache.clear()
             cached = self.facts_cache[key] = (advert, rtt_ms, peer_facts(
-                self.router.id(c), advert, state, standing, FRAME_TIMEOUT_S, rtt_ms))
+                self.router.id(c), advert, state, standing, FRAME_TIMEOUT_S, rtt_ms,
+                # the simulated operators attested what their peers claim
+                jurisdiction=advert.jurisdiction))
         return cached[2]
 
     def _place(self, e: int, c: int, advert: CapabilityAdvert, state: str,

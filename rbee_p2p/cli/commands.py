@@ -79,7 +79,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
              "fake_models": args.fake_model or None,
              "allow_open": True if args.allow_open else None,
              "mdns_interfaces": args.mdns_interface or None, "policy": args.policy,
-             "pins": args.pin}
+             "pins": args.pin, "attested": args.attest}
     config = load_config(args.config, flags=flags)
     try:
         trio.run(run_node, config)
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="join the private swarm of an invitation (`rbee-node invite`)")
     mesh.add_argument("--jurisdiction", metavar="CODE",
                       help="what this node's advert claims, e.g. EU or US")
+    mesh.add_argument("--attest", action="append", default=[], metavar="PEER=CODE",
+                      help="vouch that a peer runs in a jurisdiction (repeatable): residency "
+                           "rules trust only attested peers, never an advert alone")
     mesh.add_argument("--no-mdns", action="store_true", help="no mDNS discovery on the LAN")
     mesh.add_argument("--mdns-interface", action="append", default=[], metavar="NAME",
                       help="announce and listen for mDNS only on this interface (repeatable)")

@@ -17,7 +17,7 @@ from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert
 from ..protocol.peers import PeerState
 from ..routing import PeerFacts, RequestFacts
-from ..routing.places import peer_facts
+from ..routing.places import attested_jurisdiction, peer_facts
 from ..routing.probing import (admit_by_ms, decided, draw_pool, draw_probes, pool_due, to_rank,
                                weighted)
 from ..routing.reputation import Standing, after_failure, after_refusal, after_result
@@ -48,6 +48,7 @@ class PeerView:
         self.membership = membership
         self.table = membership.table
         self.verifier = verifier
+        self.attested = dict(config.attested)  # peer id -> jurisdiction, by configuration
         self.host: Any = None
         self.latency = Latency()  # the mesh puts the one it runs here
         # what routing sees of each peer, rebuilt only when its advert or state changes
@@ -76,9 +77,12 @@ class PeerView:
             version = (entry.advert.seq, entry.state, standing, rtt)
             cached = self._facts.get(entry.peer_id)
             if cached is None or cached[0] != version:
-                cached = (version, peer_facts(peer_id_to_str(entry.peer_id), entry.advert,
-                                              entry.state.value, standing,
-                                              self.config.timing.frame_timeout_s, rtt or 0.0))
+                pid = peer_id_to_str(entry.peer_id)
+                where = attested_jurisdiction(pid, entry.advert.jurisdiction,
+                                              self.attested)
+                cached = (version, peer_facts(pid, entry.advert, entry.state.value, standing,
+                                              self.config.timing.frame_timeout_s, rtt or 0.0,
+                                              jurisdiction=where))
                 self._facts[entry.peer_id] = cached
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])

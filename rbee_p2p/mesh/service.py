@@ -271,6 +271,8 @@ class Mesh:
                 "tokens_per_s": {m.name: m.tokens_per_s for m in e.advert.models},
                 "queue_depth": e.advert.queue_depth, "active_jobs": e.advert.active_jobs,
                 "jurisdiction": e.advert.jurisdiction, "addrs": list(e.advert.addrs),
+                "jurisdiction_attested": self.view.attested.get(
+                    peer_id_to_str(e.peer_id)) == e.advert.jurisdiction != "",
                 "last_advert_age_s": round(e.age_ms(now) / 1000, 2),
                 "latency_ms": _rounded(self.latency.ms(e.peer_id)),
                 "prices": {m.name: [m.price.input_per_mtok, m.price.output_per_mtok,

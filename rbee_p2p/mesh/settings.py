@@ -36,6 +36,9 @@ class MeshConfig:
     psk: str | None = None  # private swarm: pre-shared key (libp2p pnet)
     allow: tuple[str, ...] | None = None  # private swarm: peer-ID allowlist
     jurisdiction: str = ""
+    # peer id -> jurisdiction its operator attests (residency trusts only these; an advert's
+    # claim alone meets no residency rule)
+    attested: tuple[tuple[str, str], ...] = ()
     advert_interval_s: float = 1.0
     suspect_after_s: float = 3.0
     dead_after_s: float = 8.0

@@ -9,11 +9,13 @@ the simulator (``simulations/views.py``), so both rank the very same facts.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from ..protocol.messages import CapabilityAdvert, Price
 from .facts import DeviceFacts, ModelFacts, PeerFacts
 from .reputation import Standing, effective_speed, failure_penalty_ms, trust
 
-__all__ = ["peer_facts", "smoothed_rtt", "RTT_ALPHA"]
+__all__ = ["peer_facts", "smoothed_rtt", "RTT_ALPHA", "attested_jurisdiction"]
 
 RTT_ALPHA = 0.3
 """Weight of a new sample in the smoothed round trip (an EWMA)."""
@@ -24,12 +26,20 @@ def smoothed_rtt(before_ms: float | None, sample_ms: float, alpha: float = RTT_A
     return sample_ms if before_ms is None else before_ms + alpha * (sample_ms - before_ms)
 
 
+def attested_jurisdiction(peer: str, claim: str, attested: Mapping[str, str]) -> str:
+    """Where a peer runs as far as residency goes: its advert's claim only when this node's
+    operator attested the same for it (``attested``: peer id -> code, from configuration);
+    otherwise nowhere ("") -- an advert alone never meets a residency rule."""
+    return claim if claim and attested.get(peer) == claim else ""
+
+
 def peer_facts(peer: str, advert: CapabilityAdvert, state: str, standing: Standing | None,
-               timeout_s: float, rtt_ms: float = 0.0) -> PeerFacts:
+               timeout_s: float, rtt_ms: float = 0.0, *, jurisdiction: str) -> PeerFacts:
     """What routing sees of a peer (``peer``: its base58 id; callers keep it, encoding
     costs): its advert, with the speed it claims discounted by how it kept its word so far,
     and as latency the measured round trip plus the time its failures are expected to cost
-    (a failure costs ``timeout_s``: the requester's wait for a frame that never comes)."""
+    (a failure costs ``timeout_s``: the requester's wait for a frame that never comes).
+    ``jurisdiction``: where it runs as this node knows it (:func:`attested_jurisdiction`)."""
     s = standing or Standing()
     return PeerFacts(
         id=peer,
@@ -38,7 +48,7 @@ def peer_facts(peer: str, advert: CapabilityAdvert, state: str, standing: Standi
         devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
                       for d in advert.devices),
         queue_depth=advert.queue_depth, active_jobs=advert.active_jobs,
-        max_queue=advert.max_queue, jurisdiction=advert.jurisdiction,
+        max_queue=advert.max_queue, jurisdiction=jurisdiction,
         price=advert.price.output_per_mtok, state=state, reputation=trust(s),
         latency_ms=rtt_ms + failure_penalty_ms(s, timeout_s * 1000))
 

@@ -1,5 +1,7 @@
-"""EU-only processing in a real mixed-jurisdiction swarm: three processes on loopback, the
-real model on an EU node and a US node, tenants with API keys on the entry node."""
+"""EU-only processing in a real swarm: three processes on loopback, the real model on an EU
+node (attested by the entry node's operator) and on a node whose advert claims EU too but
+that nobody attested (a liar, as far as residency goes); tenants with API keys on the
+entry node."""
 
 from __future__ import annotations
 
@@ -34,10 +36,10 @@ def swarm(tmp_path):
     try:
         c = NodeProcess(tmp_path / "c", "--jurisdiction", "EU")
         started.append(c)
-        b = NodeProcess(tmp_path / "b", "--jurisdiction", "US")
+        b = NodeProcess(tmp_path / "b", "--jurisdiction", "EU")  # claimed, not attested
         started.append(b)
         a = NodeProcess(tmp_path / "a", "--no-default-model", "--jurisdiction", "US",
-                        "--peer", b.addr, "--peer", c.addr)
+                        "--peer", b.addr, "--peer", c.addr, "--attest", f"{c.peer_id}=EU")
         started.append(a)
         for node in started:
             node.wait_ready()
@@ -71,7 +73,12 @@ def test_eu_tenant_runs_only_on_eu_nodes_and_fails_clearly_without_one(swarm):
     assert len([r for r in audit_records(c, "execute", 4) if r.tenant_ref == eu_ref]) == 4
     assert not [r for r in audit_records(b, "execute", 0, timeout=0) if r.tenant_ref == eu_ref]
 
-    # without an EU node: 403 with a clear message, never silently elsewhere
+    peers = {p["id"]: p for p in a.status()["peers"]}
+    assert peers[c.peer_id]["jurisdiction_attested"]
+    assert not peers[b.peer_id]["jurisdiction_attested"]  # its advert alone says EU
+
+    # without an attested EU node: 403 with a clear message, never silently elsewhere --
+    # not on B, whose advert claims EU
     os.kill(c.proc.pid, signal.SIGKILL)
     a.wait_for(lambda s: any(p["id"] == c.peer_id and p["state"] == "dead"
                              for p in s["peers"]), 15, "C dead in A's table")

@@ -164,3 +164,14 @@ def test_bad_prices(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match="prices"):
         load_config(path, env={"RBEE_HOME": str(tmp_path)})
+
+
+def test_attested_jurisdictions_from_file_and_flags(tmp_path):
+    (tmp_path / "rbee-node.toml").write_text('[attested]\n"12D3KooWa" = "EU"\n')
+    env = {"RBEE_HOME": str(tmp_path)}
+    assert load_config(env=env).attested == (("12D3KooWa", "EU"),)
+    flagged = load_config(env=env, flags={"attested": ["12D3KooWb=DE"]})
+    assert flagged.attested == (("12D3KooWb", "DE"),)
+    (tmp_path / "rbee-node.toml").write_text('[attested]\n"12D3KooWa" = "EUROPEAN-UNION"\n')
+    with pytest.raises(ConfigError, match="jurisdiction"):
+        load_config(env=env)

@@ -177,3 +177,13 @@ def test_charge_rounds_down_once_over_the_sum():
 
     assert charge(100, 200, 0, tokens_in=5000, tokens_out=2500) == 1  # 0.5 + 0.5
     assert charge(0, 0, 5000, images=2) == 10_000
+
+
+def test_residency_trusts_an_attested_jurisdiction_never_an_advert_alone():
+    from rbee_p2p.routing.places import attested_jurisdiction
+
+    attested = {"a": "EU", "b": "US"}
+    assert attested_jurisdiction("a", "EU", attested) == "EU"
+    assert attested_jurisdiction("c", "EU", attested) == ""  # claimed, not attested
+    assert attested_jurisdiction("b", "EU", attested) == ""  # claimed otherwise
+    assert attested_jurisdiction("a", "", attested) == ""
