@@ -109,6 +109,26 @@ def running(home: Path, *args: str, **kwargs) -> Iterator[NodeProcess]:
         proc.kill()
 
 
+@contextmanager
+def cluster(root: Path) -> Iterator:
+    """``start(name, *args, **kwargs)`` -> a NodeProcess homed at ``root/name``; every node
+    started is killed (by PID; a stopped one is continued first) at the end."""
+    started: list[NodeProcess] = []
+
+    def start(name: str, *args: str, **kwargs) -> NodeProcess:
+        node = NodeProcess(root / name, *args, **kwargs)
+        started.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in started:
+            if node.proc.poll() is None:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            node.kill()
+
+
 def sdk(node: NodeProcess, api_key: str = "unused"):
     """The official openai client for ``node`` (no retries: failures must show)."""
     import openai

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from nodeproc import NodeProcess, sdk
+from nodeproc import cluster, sdk
 
 from rbee_p2p.protocol.audit import verify_chain
 from rbee_p2p.store.audit import read_frames
@@ -38,18 +38,8 @@ def audit_records(node, kind, count, timeout=10):
 
 @pytest.fixture
 def nodes(tmp_path):
-    started = []
-
-    def start(name, *args, **kwargs):
-        node = NodeProcess(tmp_path / name, *args, **kwargs)
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        if node.proc.poll() is None:
-            os.kill(node.proc.pid, signal.SIGCONT)
-        node.kill()
+    with cluster(tmp_path) as start:
+        yield start
 
 
 def warm(node):

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import time
 
 import httpx
 import pytest
-from e2e.nodeproc import NodeProcess
+from e2e.nodeproc import cluster
 
 from rbee_p2p.tenancy.tenants import TenantBook
 
@@ -24,30 +23,24 @@ FAST = "advert_interval = 0.5\nsuspect_after = 1.5\ndead_after = 3.0\n"
 
 
 @pytest.fixture
-def nodes(tmp_path):
-    started = []
-
-    def start(name, *args, **kwargs):
-        home = tmp_path / name
-        home.mkdir(exist_ok=True)
-        (home / "rbee-node.toml").write_text(FAST)
-        node = NodeProcess(home, *args, **kwargs)
-        started.append(node)
-        node.wait_ready()
-        return node
-
-    yield start
-    for node in started:
-        if node.proc.poll() is None:
-            os.kill(node.proc.pid, signal.SIGCONT)
-        node.kill()
+def members(tmp_path):
+    """Started, ready nodes with fast liveness."""
+    with cluster(tmp_path) as nodes:
+        def start(name, *args, **kwargs):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "rbee-node.toml").write_text(FAST)
+            node = nodes(name, *args, **kwargs)
+            node.wait_ready()
+            return node
+        yield start
 
 
 def sees(node, peer_id):
     return any(p["id"] == peer_id and p["state"] == "alive" for p in node.status()["peers"])
 
 
-def test_a_plain_start_is_a_private_swarm_strangers_cannot_join_but_invitees_can(nodes):
+def test_a_plain_start_is_a_private_swarm_strangers_cannot_join_but_invitees_can(members):
+    nodes = members
     a = nodes("a", "--no-default-model", "--fake-model", "m:1000", env_psk=None)
     assert "created private swarm" in a.output()
     key = a.log.parent / "swarm.key"
@@ -79,8 +72,9 @@ def test_a_plain_start_is_a_private_swarm_strangers_cannot_join_but_invitees_can
     again.wait_for(lambda s: sees(again, a.peer_id), 15, "A after the restart")
 
 
-def test_the_open_swarm_gives_keyless_relayed_work_nothing_where_users_need_keys(nodes,
+def test_the_open_swarm_gives_keyless_relayed_work_nothing_where_users_need_keys(members,
                                                                                 tmp_path):
+    nodes = members
     (tmp_path / "a").mkdir()
     book = TenantBook.open(tmp_path / "a")
     api_key = book.add("owner")
