@@ -1,7 +1,11 @@
 """Measured round trips to peers: a libp2p ping (``/ipfs/ping/1.0.0``, answered by every
 py-libp2p host) to each connected peer in the table every ``interval`` seconds, at most
 ``concurrency`` at a time, smoothed (an EWMA: ``routing.places.smoothed_rtt``, which the
-simulator runs too) into what routing sees as ``latency_ms``."""
+simulator runs too) into what routing sees as ``latency_ms``.
+
+A connection on which pings go unanswered :data:`UNANSWERED` times in a row is closed: new
+streams on it hang (a connection the other side, a NAT or a cut dial left half-dead; its
+peer's adverts may still arrive through others), and the next dial gets a fresh one."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ __all__ = ["Latency", "PING_ID"]
 log = logging.getLogger(__name__)
 
 PING_ID = "/ipfs/ping/1.0.0"
+UNANSWERED = 2
+"""Pings in a row a connected peer leaves unanswered before its connection is closed."""
 
 
 class Latency:
@@ -31,7 +37,9 @@ class Latency:
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.rtt: dict[bytes, float] = {}
-        self.pings = {"sent": 0, "answered": 0, "failed": 0}
+        self.pings = {"sent": 0, "answered": 0, "failed": 0, "reconnects": 0}
+        self._unanswered: dict[bytes, int] = {}  # peer -> pings failed in a row
+        self.on_answer: Callable[[bytes], None] = lambda peer: None  # it proved itself
 
     def record(self, peer: bytes, ms: float) -> None:
         self.rtt[peer] = smoothed_rtt(self.rtt.get(peer), ms)
@@ -41,12 +49,13 @@ class Latency:
 
     def forget(self, peer: bytes) -> None:
         self.rtt.pop(peer, None)
+        self._unanswered.pop(peer, None)
 
     def keep(self, known: Container[bytes]) -> None:
         """Drop the round trips of peers not in ``known`` (a ping that ended after its
         peer was forgotten)."""
-        for peer in [p for p in self.rtt if p not in known]:
-            del self.rtt[peer]
+        for peer in [p for p in (*self.rtt, *self._unanswered) if p not in known]:
+            self.forget(peer)
 
     async def run(self, host: Any, peers: Callable[[], Iterable[bytes]]) -> None:
         """Ping ``peers()`` (those connected) every ``interval_s`` until cancelled.  Never
@@ -64,7 +73,18 @@ class Latency:
 
     async def _ping_with(self, limiter: trio.CapacityLimiter, host: Any, peer: bytes) -> None:
         async with limiter:
-            await self.ping(host, peer)
+            if await self.ping(host, peer) is not None:
+                self._unanswered.pop(peer, None)
+                return
+            failed = self._unanswered[peer] = self._unanswered.get(peer, 0) + 1
+            if failed >= UNANSWERED:
+                del self._unanswered[peer]
+                self.pings["reconnects"] += 1
+                log.info("peer %s left %d pings unanswered: its connection is closed, the "
+                         "next dial opens a new one", short(peer), failed)
+                from libp2p.peer.id import ID
+
+                await end_quietly(lambda: host.get_network().close_peer(ID(peer)))
 
     async def ping(self, host: Any, peer: bytes) -> float | None:
         """One ping on a new stream; records and returns the round trip (ms), None if it
@@ -89,5 +109,6 @@ class Latency:
             return None
         self.pings["answered"] += 1
         self.record(peer, ms)
+        self.on_answer(peer)
         await end_quietly(stream.close)
         return ms

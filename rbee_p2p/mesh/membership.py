@@ -1,6 +1,13 @@
 """Membership: this node's signed capability adverts (built, sealed, published on
 GossipSub at a pace that fits the swarm's size) and the peer table that other nodes'
-adverts fill, aged into suspect / dead / forgotten."""
+adverts fill, aged into suspect / dead / forgotten.
+
+Sybil resistance: identities are free, so an advert alone earns little.  A connection may
+introduce new identities only at :data:`NEW_PER_S` (after a burst of :data:`NEW_BURST`, a
+swarm being joined), checked before any signature work; and the swarm's size as our
+advert cadence and the table's liveness limits see it counts peers that proved themselves
+(answered a ping or a probe, or ran a job for us) -- thousands of identities that only send
+adverts never slow our adverts nor keep themselves alive longer."""
 
 from __future__ import annotations
 
@@ -16,12 +23,22 @@ from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey
 from ..protocol.messages import CapabilityAdvert, Price
 from ..protocol.peers import PeerEntry, PeerState, PeerTable
-from .settings import (LocalInfo, MeshConfig, advert_topic, advert_ttl_ms, liveness_s, now_ms,
-                       reminder_interval_s, short)
+from .settings import (Capped, LocalInfo, MeshConfig, advert_topic, advert_ttl_ms, liveness_s,
+                       now_ms, reminder_interval_s, short)
 
 __all__ = ["Membership"]
 
 log = logging.getLogger(__name__)
+
+NEW_BURST = 32
+NEW_PER_S = 2.0
+"""New identities one connection (a GossipSub forwarder) may introduce: ``NEW_BURST`` at
+once, then ``NEW_PER_S`` a second."""
+PROBE_ANSWER_S = 1.0
+"""How long one sealed advert answers probes (unless what we offer changes): a probe flood
+costs a frame each, not a signature."""
+FORWARDERS = 1024
+"""Forwarders whose allowance is remembered (the longest idle are forgotten)."""
 
 
 class Membership:
@@ -40,8 +57,12 @@ class Membership:
                                dead_after_ms=int(config.dead_after_s * 1000),
                                max_peers=config.max_peers, on_forget=self._forgotten)
         self.forget_listeners: list[Callable[[bytes], None]] = []
+        self.proven: set[bytes] = set()  # peers in the table that proved themselves
+        # forwarder -> (allowance of new identities, when it was last refilled)
+        self._allowance: Capped[bytes, tuple[float, float]] = Capped(FORWARDERS)
         self._seq = 0
         self._change = trio.Event()
+        self._answer: tuple[float, bytes] | None = None  # (sealed at, advert) for probes
         # called for a peer that is back (or new): the host forgets its failed dials
         self.on_back: Callable[[bytes], None] = lambda peer: None
 
@@ -60,12 +81,21 @@ class Membership:
 
     def poke(self) -> None:
         """What we offer changed (load, models): advertise it soon."""
+        self._answer = None
         self._change.set()
+
+    def probe_answer(self) -> bytes:
+        """Our sealed advert for a probe: the one sealed for the last probe if that was
+        less than :data:`PROBE_ANSWER_S` ago and nothing changed since."""
+        now = trio.current_time()
+        if self._answer is None or now - self._answer[0] >= PROBE_ANSWER_S:
+            self._answer = (now, self.sealed_advert())
+        return self._answer[1]
 
     def sealed_advert(self) -> bytes:
         """Our advert, signed, valid a little longer than a peer waits before it calls us
         dead."""
-        _, dead = liveness_s(self.config, reminder_interval_s(self.config, len(self.table.peers)))
+        _, dead = liveness_s(self.config, reminder_interval_s(self.config, self.swarm_size()))
         return seal(self.key, self.advert(), now_ms=now_ms(), ttl_ms=advert_ttl_ms(dead))
 
     def membership(self) -> tuple[Any, ...]:
@@ -102,7 +132,7 @@ class Membership:
         """Wait for the next advert's reason; True if it is the reminder (idle), False if a
         change.  Keeps the table's liveness limits in step with the reminder pace."""
         while True:
-            known = len(self.table.peers)
+            known = self.swarm_size()
             interval = reminder_interval_s(self.config, known)
             self.table.suspect_after_ms, self.table.dead_after_ms = (
                 int(x * 1000) for x in liveness_s(self.config, interval))
@@ -114,7 +144,30 @@ class Membership:
             if known <= self.config.probe_above or self.membership() != sent:
                 return False
 
+    def swarm_size(self) -> int:
+        """The swarm's size as cadence and liveness see it: the peers that proved
+        themselves, and of the others no more than a small swarm holds (``probe_above``):
+        only proven peers take a node past the small swarm's pace."""
+        return max(len(self.proven), min(len(self.table.peers), self.config.probe_above))
+
     # -- theirs -------------------------------------------------------------------------
+
+    def prove(self, peer: bytes) -> None:
+        """``peer`` answered a ping or a probe, or ran a job for us (kept while it is in
+        the table)."""
+        if peer in self.table.peers:
+            self.proven.add(peer)
+
+    def may_introduce(self, forwarder: bytes) -> bool:
+        """Whether ``forwarder`` may bring us one more identity now (spends it if so)."""
+        now = trio.current_time()
+        tokens, at = self._allowance.get(forwarder, (float(NEW_BURST), now))
+        tokens = min(float(NEW_BURST), tokens + (now - at) * NEW_PER_S)
+        if tokens < 1:
+            self._allowance[forwarder] = (tokens, now)
+            return False
+        self._allowance[forwarder] = (tokens - 1, now)
+        return True
 
     def apply(self, verified: Verified[CapabilityAdvert], now: int) -> PeerEntry:
         """A verified advert into the table.  Raises what ``PeerTable.apply_advert``
@@ -146,18 +199,25 @@ class Membership:
             log.info("advert refused: %s", exc)
         return None
 
-    def validate(self, _forwarder: Any, message: Any) -> bool:
+    def validate(self, forwarder: Any, message: Any) -> bool:
         """GossipSub's topic validator: verify and apply a gossiped advert before it is
         delivered or relayed; only what passed is passed on (an invalid advert dies at the
-        first honest node).  Our own adverts pass.  Never raises."""
+        first honest node).  Our own adverts pass; an identity new to us passes only
+        within its forwarder's allowance (:meth:`may_introduce`).  Never raises."""
         try:
             sender = ID(message.from_id).to_bytes()
+            via = forwarder.to_bytes()
         except Exception as exc:
             self.table.count_invalid("malformed")
             log.info("advert refused: %s", exc)
             return False
         if sender == self.key.peer_id:
             return True
+        if sender not in self.table.peers and not self.may_introduce(via):
+            self.table.count_invalid("new_identities")
+            log.info("peer %s brings new identities faster than %s a second: refused",
+                     short(via), NEW_PER_S)
+            return False
         return self.receive_one(sender, message.data, now_ms()) is not None
 
     @staticmethod
@@ -168,6 +228,7 @@ class Membership:
             pass
 
     def _forgotten(self, peer: bytes) -> None:
+        self.proven.discard(peer)
         for listener in self.forget_listeners:
             listener(peer)
 

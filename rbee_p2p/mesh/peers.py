@@ -13,6 +13,7 @@ from libp2p.peer.id import ID
 
 from ..dispatch.request import Request
 from ..protocol.envelope import Verifier
+from ..protocol.errors import ProtocolError
 from ..protocol.identity import NodeKey, peer_id_to_str
 from ..protocol.messages import CapabilityAdvert
 from ..protocol.peers import PeerState
@@ -82,7 +83,8 @@ class PeerView:
                                               self.attested)
                 cached = (version, peer_facts(pid, entry.advert, entry.state.value, standing,
                                               self.config.timing.frame_timeout_s, rtt or 0.0,
-                                              jurisdiction=where))
+                                              jurisdiction=where,
+                                              believe_claims=self.config.believe_claims))
                 self._facts[entry.peer_id] = cached
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])
@@ -213,8 +215,14 @@ class PeerView:
                 received = True
             finally:  # a probe cut short (quorum, timeout) resets: no wait on a stalled peer
                 await end_quietly(stream.close if received else stream.reset)
-            verified = self.verifier.verify(raw, now_ms(), expect=CapabilityAdvert, sender=peer)
-            self.membership.apply(verified, now_ms())
+            try:
+                verified = self.verifier.verify(raw, now_ms(), expect=CapabilityAdvert,
+                                                sender=peer)
+                self.membership.apply(verified, now_ms())
+            except ProtocolError as exc:  # the advert it answered the last probe with:
+                if exc.reason not in ("replayed", "stale"):  # what we hold is current
+                    raise
+            self.membership.prove(peer)
         except Exception as exc:  # cancelled probes are not failures: trio.Cancelled passes
             self.probes["failed"] += 1
             log.debug("probe of %s failed: %s", short(peer), exc)
@@ -223,10 +231,11 @@ class PeerView:
         return True
 
     async def on_probe(self, stream: Any) -> None:
-        """Answer a probe with our current sealed advert.  Never raises."""
+        """Answer a probe with our current sealed advert (``Membership.probe_answer``).
+        Never raises."""
         try:
             with trio.fail_after(2):
-                await FrameStream(stream, 64 * 1024).send(self.membership.sealed_advert())
+                await FrameStream(stream, 64 * 1024).send(self.membership.probe_answer())
                 await stream.close()
         except Exception as exc:
             log.debug("probe answer failed: %s", exc)
@@ -256,6 +265,7 @@ class PeerView:
             queue_depth=queue_depth, active_jobs=active_jobs,
             max_tokens=job.request.max_tokens, tokens=job.completion.completion_tokens,
             sent_s=job.started_at, first_s=job.first_at, ended_s=job.ended_at)
+        self.membership.prove(job.where)
 
     def _admit_by(self, peer_id: bytes, request: Request) -> int | None:
         """In a large swarm, when the peer should be done by our estimate (x 1.25, + 250 ms

@@ -55,6 +55,7 @@ class Mesh:
         self.latency = self.view.latency = Latency(config.ping_interval_s,
                                                    config.ping_concurrency)
         self.membership.forget_listeners.append(self.latency.forget)
+        self.latency.on_answer = self.membership.prove
 
     @property
     def table(self) -> PeerTable:
@@ -278,7 +279,7 @@ class Mesh:
                 "prices": {m.name: [m.price.input_per_mtok, m.price.output_per_mtok,
                                     m.price.per_image] for m in e.advert.models if m.price},
             } for e in self.table.peers.values()],
-            "adverts": dict(self.table.counters),
+            "adverts": {**self.table.counters, "proven_peers": len(self.membership.proven)},
             "probes": dict(self.view.probes),
             "pings": dict(self.latency.pings),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],

@@ -39,6 +39,7 @@ class MeshConfig:
     # peer id -> jurisdiction its operator attests (residency trusts only these; an advert's
     # claim alone meets no residency rule)
     attested: tuple[tuple[str, str], ...] = ()
+    believe_claims: bool = False  # peers' own speed claims (a private swarm: one owner's)
     advert_interval_s: float = 1.0
     suspect_after_s: float = 3.0
     dead_after_s: float = 8.0

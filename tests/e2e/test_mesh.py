@@ -188,5 +188,5 @@ def test_large_swarm_mode_probes_sampled_candidates_for_their_load(nodes):
     served = sum(n.status()["models"][0]["requests_served"] for n in (b, c))
     assert served == 3
     # libp2p pings measured each peer's round trip (a real host answers /ipfs/ping/1.0.0)
-    status = a.wait_for(lambda s: all(p["latency_ms"] for p in s["peers"]), 10, "latency")
+    status = a.wait_for(lambda s: all(p["latency_ms"] for p in s["peers"]), 20, "latency")
     assert all(0 < p["latency_ms"] < 1000 for p in status["peers"]) and status["pings"]["answered"]

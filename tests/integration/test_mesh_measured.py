@@ -52,7 +52,10 @@ class PingHost:
         self.connected = {ID(p): object() for p in connected}
 
     def get_network(self):
-        return SimpleNamespace(connections=self.connected)
+        return SimpleNamespace(connections=self.connected, close_peer=self.close_peer)
+
+    async def close_peer(self, pid):
+        self.connected.pop(pid, None)
 
     async def new_stream(self, pid, protocols):
         assert protocols == [PING_ID]
@@ -80,11 +83,28 @@ async def test_pings_go_to_connected_peers_periodically_a_few_at_a_time(autojump
         first = dict(latency.pings)
         await trio.sleep(5.0)
         nursery.cancel_scope.cancel()
-    assert first == {"sent": 10, "answered": 10, "failed": 0}  # not the 2 unconnected
+    assert first == {"sent": 10, "answered": 10, "failed": 0,
+                     "reconnects": 0}  # not the 2 unconnected
     assert latency.pings["sent"] == 20  # one more round, 5 s later
     assert host.most == 3  # never more than 3 at once
     assert set(latency.rtt) == set(peers[:10])
     assert latency.ms(peers[3]) == pytest_approx(40.0)
+
+
+async def test_a_connection_whose_pings_go_unanswered_is_closed_for_a_fresh_dial(autojump_clock):
+    """A connected peer that answers no ping (new streams on a half-dead connection hang)
+    has its connection closed after UNANSWERED rounds, not kept for ever; one slow answer
+    in between starts the count again."""
+    host = PingHost({B.peer_id: 30.0}, [B.peer_id])  # never within the 2 s timeout
+    latency = Latency(interval_s=1.0, timeout_s=2.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(latency.run, host, lambda: [B.peer_id])
+        await trio.sleep(3.5)  # one round: unanswered once, still connected
+        assert ID(B.peer_id) in host.connected and latency.pings["failed"] == 1
+        await trio.sleep(3.0)
+        assert ID(B.peer_id) not in host.connected  # the second: closed
+        nursery.cancel_scope.cancel()
+    assert latency.pings["reconnects"] == 1 and latency.ms(B.peer_id) is None
 
 
 async def test_routing_sees_the_measured_latency_and_status_shows_it(autojump_clock):
