@@ -185,7 +185,7 @@ class Node:
             listen=c.p2p_listen, peers=(*c.peers, *members), bootstrap=c.bootstrap,
             swarm=swarm, mdns=c.mdns, dht=c.dht, psk=psk, allow=c.allow_peers,
             jurisdiction=c.jurisdiction, attested=c.attested,
-            advert_interval_s=c.advert_interval,
+            believe_claims=c.swarm == "private", advert_interval_s=c.advert_interval,
             suspect_after_s=c.suspect_after, dead_after_s=c.dead_after,
             advert_budget=c.advert_budget, probe_above=c.probe_above, probes=c.probes,
             max_peers=c.max_peers, ping_interval_s=c.ping_interval,

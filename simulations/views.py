@@ -22,6 +22,7 @@ from rbee_p2p.mesh.settings import MeshConfig
 from rbee_p2p.protocol.messages import CapabilityAdvert
 from rbee_p2p.protocol.peers import PeerState
 from rbee_p2p.routing import PeerFacts
+from rbee_p2p.routing.facts import DEFAULT_TOKENS_PER_S
 from rbee_p2p.routing.places import peer_facts, smoothed_rtt
 from rbee_p2p.routing.probing import draw_pool, peer_weight, pool_due, pool_size
 
@@ -254,11 +255,14 @@ class Views:
     def model_weights(self, e: int, m: int) -> tuple[np.ndarray, np.ndarray]:
         """(members, weights) of a non-observer's pool draw for model m: the vectorised
         form of ``probing.weighted`` (a peer nothing was learned about weighs
-        ``peer_weight`` of its membership advert's facts = its claimed speed; the others are
-        computed by ``_weight``); peers it has not heard of yet weigh 0."""
+        ``peer_weight`` of its membership advert's facts = its claimed speed, at most the
+        default an unmeasured peer is planned at; the others are computed by ``_weight``);
+        peers it has not heard of yet weigh 0."""
         s, now = self.s, self.loop.now
         members = np.array(s.members[m], dtype=np.int64)
-        weights = self.claim_np[members].copy() if members.size else np.zeros(0)
+        claims = self.claim_np[members] if members.size else np.zeros(0)
+        weights = np.minimum(np.where(claims > 0, claims, DEFAULT_TOKENS_PER_S),
+                             DEFAULT_TOKENS_PER_S)
         weights[members == e] = 0.0
         joined_e = s.world.join[e]
         for p, heard in s.pending_heard.items():

@@ -34,16 +34,20 @@ def attested_jurisdiction(peer: str, claim: str, attested: Mapping[str, str]) ->
 
 
 def peer_facts(peer: str, advert: CapabilityAdvert, state: str, standing: Standing | None,
-               timeout_s: float, rtt_ms: float = 0.0, *, jurisdiction: str) -> PeerFacts:
+               timeout_s: float, rtt_ms: float = 0.0, *, jurisdiction: str,
+               believe_claims: bool = False) -> PeerFacts:
     """What routing sees of a peer (``peer``: its base58 id; callers keep it, encoding
-    costs): its advert, with the speed it claims discounted by how it kept its word so far,
-    and as latency the measured round trip plus the time its failures are expected to cost
-    (a failure costs ``timeout_s``: the requester's wait for a frame that never comes).
-    ``jurisdiction``: where it runs as this node knows it (:func:`attested_jurisdiction`)."""
+    costs): its advert, with the speed it claims capped by what it was measured to deliver
+    (``reputation.effective_speed``; ``believe_claims``: not capped, in a private swarm)
+    and discounted by how it kept its word so far, and as latency the measured round trip
+    plus the time its failures are expected to cost (a failure costs ``timeout_s``: the
+    requester's wait for a frame that never comes).  ``jurisdiction``: where it runs as
+    this node knows it (:func:`attested_jurisdiction`)."""
     s = standing or Standing()
     return PeerFacts(
         id=peer,
-        models=tuple(ModelFacts(m.name, m.modality, effective_speed(s, m.tokens_per_s),
+        models=tuple(ModelFacts(m.name, m.modality,
+                                effective_speed(s, m.tokens_per_s, believe=believe_claims),
                                 m.device, _price(m.price)) for m in advert.models),
         devices=tuple(DeviceFacts(d.id, d.backend, d.name, d.mem_total, d.mem_free)
                       for d in advert.devices),

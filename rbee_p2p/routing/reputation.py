@@ -37,6 +37,8 @@ class Standing:
     failures: float = 0.0
     """Average of 1 per failed job, 0 per good one."""
     jobs: int = 0
+    measured_tokens_per_s: float = 0.0
+    """Average speed its jobs were measured to stream at (0: none measured yet)."""
 
 
 def after_job(standing: Standing, *, claimed_tokens_per_s: float, measured_tokens_per_s: float,
@@ -50,8 +52,13 @@ def after_job(standing: Standing, *, claimed_tokens_per_s: float, measured_token
     ratios.append((max(claimed_wait_ms, 0.0) + WAIT_SLACK_MS)
                   / (max(observed_wait_ms, 0.0) + WAIT_SLACK_MS))
     kept = min(ratios)
+    speed = standing.measured_tokens_per_s
+    if measured_tokens_per_s > 0:
+        speed = measured_tokens_per_s if speed <= 0 else (
+            (1 - weight) * speed + weight * measured_tokens_per_s)
     return replace(standing, pace=(1 - weight) * standing.pace + weight * kept,
-                   failures=(1 - weight) * standing.failures, jobs=standing.jobs + 1)
+                   failures=(1 - weight) * standing.failures, jobs=standing.jobs + 1,
+                   measured_tokens_per_s=speed)
 
 
 MIN_TOKENS = 8
@@ -107,9 +114,16 @@ def trust(standing: Standing) -> float:
     return min(1.0, max(FLOOR, value))
 
 
-def effective_speed(standing: Standing, claimed_tokens_per_s: float) -> float:
-    """The speed to plan with: the claim, discounted by how the peer kept its word."""
-    return claimed_tokens_per_s * min(1.0, max(FLOOR, standing.pace))
+def effective_speed(standing: Standing, claimed_tokens_per_s: float, *,
+                    believe: bool = False) -> float:
+    """The speed to plan with: the claim, never above what the peer was measured to deliver
+    (an unmeasured peer is planned at ``DEFAULT_TOKENS_PER_S`` at most, whatever it claims)
+    unless claims are believed (``believe``: peers of one owner's private swarm),
+    discounted by how it kept its word.  A claim of 0 (unmeasured at the peer) stays 0."""
+    speed = claimed_tokens_per_s
+    if not believe:
+        speed = min(speed, standing.measured_tokens_per_s or DEFAULT_TOKENS_PER_S)
+    return speed * min(1.0, max(FLOOR, standing.pace))
 
 
 def failure_penalty_ms(standing: Standing, timeout_ms: float) -> float:

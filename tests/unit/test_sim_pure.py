@@ -8,6 +8,7 @@ import pytest
 
 from rbee_p2p.protocol.cadence import liveness_limits_ms, membership_interval_ms
 from rbee_p2p.routing import reputation as rep
+from rbee_p2p.routing.facts import DEFAULT_TOKENS_PER_S
 from rbee_p2p.routing import sampling
 from simulations import policy
 
@@ -70,6 +71,25 @@ def test_liars_sink_within_a_few_jobs():
                           claimed_wait_ms=0, observed_wait_ms=8000)
     assert rep.trust(s) < 0.4
     assert rep.effective_speed(s, 300) < 120
+
+
+def test_a_claim_is_planned_at_no_more_than_was_measured():
+    """An unmeasured peer is planned at the default speed at most, whatever it claims; its
+    jobs raise that only to what they were measured to stream at."""
+    fresh = rep.Standing()
+    assert rep.effective_speed(fresh, 1e7) == DEFAULT_TOKENS_PER_S
+    assert rep.effective_speed(fresh, 20) == 20  # a modest claim stands
+    assert rep.effective_speed(fresh, 0) == 0  # no claim: the default applies later
+    assert rep.effective_speed(fresh, 1e3, believe=True) == 1e3  # one owner's private swarm
+    s = fresh
+    for _ in range(4):  # an honest fast peer: measured at 200, raised to it
+        s = rep.after_job(s, claimed_tokens_per_s=210, measured_tokens_per_s=200,
+                          claimed_wait_ms=0, observed_wait_ms=0)
+    assert s.measured_tokens_per_s == 200
+    assert 190 < rep.effective_speed(s, 210) <= 200
+    liar = rep.after_job(fresh, claimed_tokens_per_s=1e7, measured_tokens_per_s=30,
+                         claimed_wait_ms=0, observed_wait_ms=0)
+    assert rep.effective_speed(liar, 1e7) <= 30
 
 
 def test_failures_cost_trust_and_good_jobs_restore_it():
