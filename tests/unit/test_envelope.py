@@ -100,9 +100,36 @@ def test_per_type_size_limits():
     ],
 )
 def test_structural_errors_are_schema_errors(mutate, error):
+    """Signed as it is (where it still has a signature's place): the shape, not the
+    signature, is what is wrong."""
     items = cbor.decode(sealed(), max_size=1 << 20)
+    bad = mutate(items)
+    if len(bad) == 8 and bad[7] == items[7] and bad[2] == items[2]:
+        bad[7] = samples.key_a().sign(DOMAIN + cbor.encode(bad[:7]))
     with pytest.raises(error):
-        Verifier().verify(cbor.encode(mutate(items)), NOW)
+        Verifier().verify(cbor.encode(bad), NOW)
+
+
+def test_nothing_large_is_decoded_before_its_signature_checks(monkeypatch):
+    """An 800 KB envelope of 800,000 small items under a wrong signature is refused at the
+    signature, and a large input without an envelope's fixed head at once: neither is
+    decoded (decoding such a frame costs ~0.2 s of CPU; a signature check ~2 ms)."""
+    from rbee_p2p.protocol import envelope
+
+    items = cbor.decode(sealed(samples.request()), max_size=1 << 20)
+    heavy = cbor.encode([*items[:6], {**items[6], "pad": list(range(20)) * 40_000}, items[7]])
+    assert 700_000 < len(heavy) <= 1 << 20
+    decoded = []
+    real = envelope.cbor.decode
+    monkeypatch.setattr(envelope.cbor, "decode",
+                        lambda *a, **k: decoded.append(1) or real(*a, **k))
+    with pytest.raises(BadSignature):
+        Verifier().verify(heavy, NOW)
+    with pytest.raises(Malformed, match="not an envelope"):
+        Verifier().verify(b"\x9a" + heavy[1:], NOW)  # no 8-item array head
+    assert decoded == []
+    Verifier().verify(sealed(), NOW)  # a good one is decoded once, after its signature
+    assert decoded == [1]
 
 
 def test_tampering_with_any_signed_field_breaks_the_signature():
