@@ -39,6 +39,7 @@ __all__ = [
     "PayloadTooLarge",
     "Busy",
     "Unreachable",
+    "ShuttingDown",
     "ModelUnavailable",
     "EngineFailure",
     "Unauthorized",
@@ -98,6 +99,11 @@ class Unreachable(Busy):
     a 503 with a Retry-After and a plain message, not the transport's details."""
 
 
+class ShuttingDown(Busy):
+    """This node is stopping: new work is refused, and work still running at the end of
+    its drain is ended with this (another node may serve it)."""
+
+
 class ModelUnavailable(RequestError):
     """The model is configured here but not loaded: it does not fit its device's memory
     budget, its pinned device is missing, or its engine (torch) is not installed.  Retrying
@@ -154,6 +160,7 @@ ERRORS: dict[type[RequestError], ErrorSpec] = {
     QuotaExceeded: ErrorSpec(429, "requests", "rate_limit_exceeded", "busy"),
     Busy: ErrorSpec(503, "server_error", "overloaded", "busy"),
     Unreachable: ErrorSpec(503, "server_error", "model_unreachable", "busy"),
+    ShuttingDown: ErrorSpec(503, "server_error", "node_stopping", "busy"),
     ModelUnavailable: ErrorSpec(503, "server_error", "model_unavailable", "model_not_found"),
     EngineFailure: ErrorSpec(500, "server_error", "engine_failure", "internal"),
     PeerUnavailable: ErrorSpec(502, "server_error", "peer_unavailable", "internal"),

@@ -16,6 +16,7 @@ from . import __version__
 from .api.app import create_app
 from .tenancy.gate import Gate
 from .api.images import ImageService, image_limits
+from .dispatch.drain import Drain
 from .dispatch.request import Limits
 from .api.serving import Serving
 from .config import NodeConfig, audit_path, key_path, peer_limits
@@ -38,6 +39,9 @@ from .tenancy.peers import PeerGate
 __all__ = ["Node", "run_node", "load_engines"]
 
 log = logging.getLogger(__name__)
+
+DRAIN_S = 10.0
+"""How long running work may go on after Ctrl-C / SIGTERM before it is ended cleanly."""
 
 
 async def load_engines(config: NodeConfig) -> tuple[list[TextEngine], Capacity]:
@@ -179,7 +183,8 @@ class Node:
         verifier = Verifier()
         executor = Executor(self.key, verifier, self.dispatcher.run_here, self.limits,
                             jurisdiction=c.jurisdiction, audit=self.audit,
-                            prices=self.prices(), peers=self.peer_gate)
+                            prices=self.prices(), peers=self.peer_gate,
+                            drain=self.dispatcher.drain)
         swarm, psk, members = open_swarm(c)
         mesh_config = MeshConfig(
             listen=c.p2p_listen, peers=(*c.peers, *members), bootstrap=c.bootstrap,
@@ -206,7 +211,7 @@ async def _serve_http(node: Node, shutdown: trio.Event,
     hc.bind = [f"[{host}]:{node.config.port}" if ":" in host else f"{host}:{node.config.port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.graceful_timeout = 10.0
+    hc.graceful_timeout = DRAIN_S + 5.0  # the drain ends streams itself (an error, [DONE])
     # a connection with no request in progress -- idle between requests, or still sending
     # its first one's headers (slowloris) -- is closed after this long; headers are at most
     # h11_max_incomplete_size (16 KiB).  (read_timeout would also cut long SSE streams,
@@ -293,8 +298,9 @@ def check_exposure(config: NodeConfig) -> None:
 async def run_node(config: NodeConfig, *, handle_signals: bool = True,
                    on_ready: Callable[[Node], None] | None = None,
                    shutdown: trio.Event | None = None) -> None:
-    """Run a node until SIGINT/SIGTERM (or ``shutdown`` is set); in-flight requests then get
-    hypercorn's graceful timeout (10 s) to finish before they are cancelled."""
+    """Run a node until SIGINT/SIGTERM (or ``shutdown`` is set); then new work is refused,
+    and running work -- local requests and peers' jobs alike -- gets :data:`DRAIN_S` to
+    finish before it is ended cleanly (``dispatch.drain``); the mesh goes last."""
     check_exposure(config)
     key = load_or_create_key(key_path(config.home))
     audit_log = AuditLog(audit_path(config.home), key)
@@ -310,6 +316,7 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
             node = Node(config, engines, key=key, audit=writer, capacity=capacity)
             if handle_signals:
                 await services.start(_in_scope, helpers, _wait_for_signal, shutdown)
+            await services.start(_in_scope, helpers, _drain_on, shutdown, node.dispatcher.drain)
             await services.start(_in_scope, helpers, node.policy.run)
             await services.start(_in_scope, helpers, node.capacity.watch_devices,
                                  config.device_probe_interval)
@@ -325,7 +332,10 @@ async def run_node(config: NodeConfig, *, handle_signals: bool = True,
                       f"on {node.status()['url']}", flush=True)
                 if on_ready:
                     on_ready(node)
-            # hypercorn returned: the shutdown trigger fired and in-flight requests ended
+            # hypercorn returned: the shutdown trigger fired and in-flight requests ended;
+            # peers' jobs end by the drain's end too (the mesh carries their last frames)
+            with trio.move_on_after(DRAIN_S + 5.0):
+                await node.dispatcher.drain.idle()
             for scope in helpers:
                 scope.cancel()
             writer.close()  # the writer drains its queue, then its task ends
@@ -346,6 +356,19 @@ async def _in_scope(scopes: list[trio.CancelScope], fn: Callable[..., Any], *arg
         await fn(*args, task_status=task_status)
 
 
+async def _drain_on(shutdown: trio.Event, drain: Drain,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Once ``shutdown`` is set: refuse new work, and after :data:`DRAIN_S` end what still
+    runs."""
+    task_status.started()
+    await shutdown.wait()
+    drain.stop()
+    await trio.sleep(DRAIN_S)
+    if drain.running:
+        log.warning("drain over: ending %d job(s) still running for peers", drain.running)
+    drain.cut()
+
+
 async def _wait_for_signal(shutdown: trio.Event,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -355,5 +378,5 @@ async def _wait_for_signal(shutdown: trio.Event,
                 log.warning("second signal: exiting now")
                 os._exit(130)
             print(f"received {signal.Signals(signum).name}, shutting down "
-                  "(in-flight requests get 10 s)", flush=True)
+                  f"(running requests get {DRAIN_S:.0f} s)", flush=True)
             shutdown.set()

@@ -84,9 +84,10 @@ class Serving:
         job = await self.start(call, admitted)
         parts: list[str] = []
         try:
-            async with aclosing(job.batches()) as batches:
-                async for batch in batches:
-                    parts.extend(batch)
+            with self.dispatcher.drain.cuttable():
+                async with aclosing(job.batches()) as batches:
+                    async for batch in batches:
+                        parts.extend(batch)
         finally:
             self._finish(admitted, call, job, parts)
         return job, "".join(parts)
@@ -187,8 +188,9 @@ class Serving:
         try:
             if kind == "chat":
                 yield chunk("", None, role=True)
-            async with aclosing(job.batches()) as batches:
-                async for batch in batches:
+            async with aclosing(job.batches()) as batches, \
+                    aclosing(self.dispatcher.drain.through(batches)) as until_cut:
+                async for batch in until_cut:
                     text = "".join(batch)
                     if first:
                         mark("sse_first", job.request_id)

@@ -27,6 +27,7 @@ from ..routing import (Decision, ModelFacts, PeerFacts, Policy, Ranked, RequestF
                        TenantFacts, decide, expected_ms, fastest)
 from ..routing.probing import refuses
 from ..store.writer import AuditWriter
+from .drain import Drain
 from .local import LocalJob
 from .request import Job, Request, Stamp
 
@@ -87,6 +88,7 @@ class Dispatcher:
                  router: Router | None = None, audit: AuditWriter | None = None,
                  peer: bytes | None = None, capacity: Any = None) -> None:
         self.scheduler = scheduler
+        self.drain = Drain()  # the node's way out: new work refused, running work drained
         self.capacity = capacity  # engines.admission.Capacity: per-device image slots
         self.audit = audit
         self.peer = peer  # this node's peer id (bytes), for audit records
@@ -198,6 +200,7 @@ class Dispatcher:
         (every candidate is full) or :class:`PeerUnavailable` (no candidate could be reached
         or would take it).
         """
+        self.drain.check()
         engine, ranked = await self.plan(request, stamp)
         candidates = iter(ranked.candidates)
         job = await self._start_next(candidates, engine, request, stamp)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import trio
 
+from ..dispatch.drain import Drain
 from ..dispatch.request import Job, Limits, Request
 from ..errors import Busy, QuotaExceeded, RequestError, spec
 from ..protocol.envelope import Verifier, seal
@@ -119,8 +120,9 @@ class Executor:
                  *, jurisdiction: str = "", audit: AuditWriter | None = None,
                  timing: Timing = Timing(), max_frame: int = 1 << 20,
                  prices: Mapping[str, tuple[int, int, int]] | None = None,
-                 peers: PeerAdmission | None = None) -> None:
+                 peers: PeerAdmission | None = None, drain: Drain | None = None) -> None:
         self.key = key
+        self.drain = drain or Drain()  # the node's: new jobs refused, running ones drained
         self.peers = peers  # per-peer limits (None: none, for tests of other parts)
         self.verifier = verifier
         self.run = run
@@ -184,6 +186,7 @@ class Executor:
             return
         admitted = None
         try:
+            self.drain.check()
             request = from_wire(message, self.limits)
             if self.peers is not None:
                 admitted = self.peers.admit(remote, request.model, request.tokens_estimate(),
@@ -202,7 +205,8 @@ class Executor:
             await self._audit_refusal(message, remote, spec(exc).wire)
             return
         try:
-            await self._execute(frames, remote, message, raw, session, request, job)
+            with self.drain.working():
+                await self._execute(frames, remote, message, raw, session, request, job)
         finally:
             if admitted is not None:
                 done = job.completion
@@ -237,7 +241,8 @@ class Executor:
                     # accepted: an empty chunk at once, so the requester can start its answer
                     # (HTTP headers) while the model works on the first token
                     await reply.chunk("", 0)
-                    await _pump(job, reply)
+                    with self.drain.cuttable():
+                        await _pump(job, reply)
                 except RequestError as exc:
                     failure = exc
             cancelled = scope.cancelled_caught

@@ -212,3 +212,58 @@ def test_a_restarted_static_peer_is_back_within_seconds(nodes, tmp_path):
         assert time.monotonic() - started < 3.0
     finally:
         again.kill()
+
+
+def test_ctrl_c_drains_peers_jobs_and_ends_the_rest_with_an_error_event_and_done(nodes):
+    """Ctrl-C at an executor: a peer's job that fits in the drain runs to its end; new jobs
+    are refused meanwhile (503 at the entry: nobody else serves it); a forwarded stream and
+    a local one still running at the drain's end each end with an SSE error event and
+    [DONE] -- never a bare cut -- and the node exits 0."""
+    import threading
+
+    peer = nodes("peer", "--no-default-model", "--fake-model", "long:20", "--fake-model",
+                 "short:20", "--fake-model", "local:20")
+    entry = nodes("entry", "--no-default-model", "--peer", peer.addr)
+    for n in (peer, entry):
+        n.wait_ready()
+    entry.wait_for(knows("short", peer.peer_id), 30, "the peer's models at the entry node")
+    results, first = {}, threading.Semaphore(0)
+
+    def stream(key, node, model, max_tokens):
+        lines = []
+        with httpx.stream("POST", node.url + "/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": HELLO, "max_tokens": max_tokens,
+                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    if len(lines) == 2:
+                        first.release()
+        results[key] = (r.status_code, lines)
+
+    threads = [threading.Thread(target=stream, args=args, daemon=True) for args in (
+        ("forwarded", entry, "long", 1000), ("local", peer, "local", 1000),
+        ("fits", entry, "short", 100))]  # 5 s of work, in a 10 s drain
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert first.acquire(timeout=30), "a stream did not start"
+    peer.proc.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    time.sleep(1)
+    late = httpx.post(entry.url + "/v1/chat/completions", timeout=30, json={
+        "model": "short", "messages": HELLO, "max_tokens": 4})
+    assert late.status_code == 503, late.text
+    for t in threads:
+        t.join(40)
+    assert peer.proc.wait(30) == 0
+    assert time.monotonic() - stopped < 25
+    status, lines = results["fits"]
+    assert status == 200 and lines[-1] == "[DONE]" and "error" not in lines[-2]
+    assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "length"
+    for key in ("forwarded", "local"):
+        status, lines = results[key]
+        assert status == 200 and lines[-1] == "[DONE]", (key, lines[-3:])
+        error = json.loads(lines[-2])["error"]
+        assert "shutting down" in error["message"], (key, error)
+        assert len(lines) < 200  # cut ~10 s into 50 s of work
