@@ -135,3 +135,19 @@ def sdk(node: NodeProcess, api_key: str = "unused"):
 
     return openai.OpenAI(base_url=node.url + "/v1", api_key=api_key, max_retries=0,
                          timeout=60)
+
+
+def audit_records(node, kind, count, timeout=10):
+    """The node's audit records of ``kind``, once there are ``count`` of them (the writer
+    batches: poll, bounded)."""
+    from rbee_p2p.protocol.audit import verify_chain
+    from rbee_p2p.store.audit import read_frames
+
+    deadline = time.monotonic() + timeout
+    while True:
+        frames, _ = read_frames((node.log.parent / "audit.log").read_bytes())
+        _, records = verify_chain([raw for _, raw in frames])
+        found = [r for r in records if r.kind == kind]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)

@@ -7,10 +7,8 @@ import signal
 import time
 
 import pytest
-from nodeproc import cluster, sdk
+from nodeproc import audit_records, cluster, sdk
 
-from rbee_p2p.protocol.audit import verify_chain
-from rbee_p2p.store.audit import read_frames
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -21,19 +19,6 @@ def knows(model, peer_id=None):
         return any(p["state"] == "alive" and model in p["models"]
                    and (peer_id is None or p["id"] == peer_id) for p in status["peers"])
     return check
-
-
-def audit_records(node, kind, count, timeout=10):
-    """The node's audit records of ``kind``, once there are ``count`` of them (the writer
-    batches: poll, bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        frames, _ = read_frames((node.log.parent / "audit.log").read_bytes())
-        _, records = verify_chain([raw for _, raw in frames])
-        found = [r for r in records if r.kind == kind]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ import httpx
 import openai
 import pytest
 from nodeproc import NodeProcess, sdk
-from test_mesh import audit_records, knows
+from nodeproc import audit_records
+from test_mesh import knows
 
 from rbee_p2p.protocol.identity import peer_id_from_str
 

@@ -13,7 +13,8 @@ import openai
 import pytest
 from nodeproc import NodeProcess, sdk
 from test_audit_cli import audit
-from test_mesh import audit_records, knows
+from nodeproc import audit_records
+from test_mesh import knows
 
 from rbee_p2p.protocol.identity import peer_id_from_str
 from rbee_p2p.tenancy.tenants import TenantBook

@@ -1,0 +1,96 @@
+"""A hostile peer, for the security tier and bench/security.py: a real libp2p host (Noise and
+yamux, as a node's) on loopback that connects to a victim node and sends what no honest
+node would -- floods of requests, oversized or unsigned frames, probes, many identities."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from rbee_p2p.mesh.executor import PROTOCOL_ID
+from rbee_p2p.mesh.frames import FrameStream, StreamGone
+from rbee_p2p.mesh.host import build_host, psk_from_secret
+from rbee_p2p.mesh.settings import PROBE_ID
+from rbee_p2p.protocol.envelope import Verifier, seal
+from rbee_p2p.protocol.framing import encode_frame
+from rbee_p2p.protocol.identity import NodeKey
+from rbee_p2p.protocol.messages import ErrorMessage, InferenceRequest, Turn
+
+__all__ = ["Attacker", "hostile"]
+
+
+class Attacker:
+    """Connected to ``victim`` (its peer ID, bytes) as ``key``."""
+
+    def __init__(self, host, key: NodeKey, victim: bytes) -> None:
+        self.host, self.key, self.victim = host, key, victim
+
+    def request(self, model: str = "m", max_tokens: int = 4, ttl_ms: int = 60_000,
+                **fields) -> bytes:
+        """A sealed, well-formed chat InferenceRequest from us to the victim."""
+        now = int(time.time() * 1000)
+        message = InferenceRequest(
+            request_id=os.urandom(16), target=self.victim, model=model, kind="chat",
+            messages=(Turn("user", "hi"),), stream=True, max_tokens=max_tokens,
+            deadline_ms=now + 60_000, **fields)
+        return seal(self.key, message, now_ms=now, ttl_ms=ttl_ms)
+
+    async def infer(self, frame: bytes, *, raw: bool = False,
+                    timeout: float = 10) -> tuple[str, object]:
+        """Send one first frame on a new inference stream; ("error", ErrorMessage) if the
+        victim refused, ("served", tokens) if it streamed an answer to its end, ("gone",
+        reason) if the stream ended otherwise.  ``raw``: ``frame`` goes as it is (a frame
+        header with any body)."""
+        with trio.fail_after(timeout):
+            stream = await self.host.new_stream(ID(self.victim), [PROTOCOL_ID])
+            frames = FrameStream(stream, 1 << 20)
+            try:
+                if raw:
+                    await stream.write(encode_frame(frame))
+                else:
+                    await frames.send(frame)
+                tokens = 0
+                while True:
+                    reply = Verifier().verify(await frames.receive(), int(time.time() * 1000))
+                    message = reply.message
+                    if isinstance(message, ErrorMessage):
+                        return "error", message
+                    tokens += getattr(message, "tokens", 0)
+                    if type(message).__name__ == "ResultEnd":
+                        return "served", tokens
+            except StreamGone as exc:
+                return "gone", str(exc)
+            finally:
+                await frames.reset()
+
+    async def probe(self, timeout: float = 5) -> bytes:
+        """The victim's answer to one probe (its sealed advert)."""
+        with trio.fail_after(timeout):
+            stream = await self.host.new_stream(ID(self.victim), [PROBE_ID])
+            frames = FrameStream(stream, 64 * 1024)
+            try:
+                return await frames.receive()
+            finally:
+                await frames.reset()
+
+
+@asynccontextmanager
+async def hostile(victim_addr: str, *, psk: str | None = None,
+                  key: NodeKey | None = None) -> AsyncIterator[Attacker]:
+    """An :class:`Attacker` connected to the node at ``victim_addr`` (a multiaddr ending in
+    /p2p/<id>); ``psk``: the swarm's secret, for a member turned hostile."""
+    key = key or NodeKey.generate()
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    host = build_host(key, listen, psk=psk_from_secret(psk) if psk else None)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]):
+        info = info_from_p2p_addr(multiaddr.Multiaddr(victim_addr))
+        with trio.fail_after(10):
+            await host.connect(info)
+        yield Attacker(host, key, info.peer_id.to_bytes())
