@@ -75,7 +75,8 @@ class PeerView:
                 continue
             standing = self.standings.get(entry.peer_id)
             rtt = self.latency.ms(entry.peer_id)
-            version = (entry.advert.seq, entry.state, standing, rtt)
+            proven = entry.peer_id in self.membership.proven
+            version = (entry.advert.seq, entry.state, standing, rtt, proven)
             cached = self._facts.get(entry.peer_id)
             if cached is None or cached[0] != version:
                 pid = peer_id_to_str(entry.peer_id)
@@ -84,7 +85,8 @@ class PeerView:
                 cached = (version, peer_facts(pid, entry.advert, entry.state.value, standing,
                                               self.config.timing.frame_timeout_s, rtt or 0.0,
                                               jurisdiction=where,
-                                              believe_claims=self.config.believe_claims))
+                                              believe_claims=self.config.believe_claims,
+                                              proven=proven))
                 self._facts[entry.peer_id] = cached
                 self._ids[cached[1].id] = entry.peer_id
             (alive if entry.state is PeerState.ALIVE else suspect).append(cached[1])

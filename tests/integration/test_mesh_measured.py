@@ -13,6 +13,7 @@ from rbee_p2p.engines.admission import Capacity
 from rbee_p2p.engines.hardware import Device, Hardware
 from rbee_p2p.mesh.latency import PING_ID, Latency
 from rbee_p2p.routing.places import RTT_ALPHA as ALPHA
+from rbee_p2p.routing.places import UNPROVEN_MS
 from rbee_p2p.mesh.service import Mesh, MeshConfig
 from rbee_p2p.protocol.envelope import Verifier, seal
 import pytest
@@ -115,7 +116,8 @@ async def test_routing_sees_the_measured_latency_and_status_shows_it(autojump_cl
     (before,) = mesh.peers()
     await mesh.latency.ping(PingHost({B.peer_id: 0.025}, [B.peer_id]), B.peer_id)
     (after,) = mesh.peers()
-    assert after.latency_ms == pytest_approx(before.latency_ms + 25.0)
+    # measured, and proven by its answer: the unproven peer's extra latency is gone
+    assert after.latency_ms == pytest_approx(before.latency_ms - UNPROVEN_MS + 25.0)
     (row,) = mesh.status()["peers"]
     assert row["latency_ms"] == pytest_approx(25.0)
     mesh.table.on_forget(B.peer_id)  # as when the table forgets it

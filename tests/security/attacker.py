@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import multiaddr
 import trio
@@ -79,6 +79,52 @@ class Attacker:
                 return await frames.receive()
             finally:
                 await frames.reset()
+
+
+async def sybil_adverts(victim_addr: str, swarm: str, keys: list[NodeKey], *,
+                        advert: Callable[[NodeKey], bytes], psk: str | None = None,
+                        every_s: float = 0.0) -> None:
+    """Gossip one signed advert per identity in ``keys`` to the victim, all over one
+    connection (a GossipSub peer relaying "others'" adverts, each with a valid pubsub
+    signature of its claimed origin), then again every ``every_s`` (0: once) until
+    cancelled."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX, Pubsub
+    from libp2p.tools.anyio_service import background_trio_service
+
+    from rbee_p2p.mesh.host import keypair
+    from rbee_p2p.mesh.settings import advert_topic
+
+    key = NodeKey.generate()
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    host = build_host(key, listen, psk=psk_from_secret(psk) if psk else None)
+    router = GossipSub(protocols=[PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12,
+                       heartbeat_interval=1, heartbeat_initial_delay=0.1)
+    pubsub = Pubsub(host, router, strict_signing=True)
+    topic = advert_topic(swarm)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]), \
+            background_trio_service(pubsub), background_trio_service(router):
+        await pubsub.wait_until_ready()
+        await pubsub.subscribe(topic)
+        with trio.fail_after(10):
+            await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(victim_addr)))
+        await trio.sleep(2)  # the victim in our mesh for the topic
+        pairs = [(k, keypair(k)) for k in keys]
+        seqno = 0
+        while True:
+            for k, pair in pairs:
+                seqno += 1
+                msg = rpc_pb2.Message(data=advert(k), topicIDs=[topic], from_id=k.peer_id,
+                                      seqno=seqno.to_bytes(8, "big"))
+                msg.signature = pair.private_key.sign(PUBSUB_SIGNING_PREFIX.encode()
+                                                      + msg.SerializeToString())
+                msg.key = pair.public_key.serialize()
+                await pubsub.push_msg(pubsub.my_id, msg)
+                await trio.sleep(0)
+            if not every_s:
+                return
+            await trio.sleep(every_s)
 
 
 @asynccontextmanager

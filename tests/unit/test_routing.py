@@ -187,3 +187,23 @@ def test_residency_trusts_an_attested_jurisdiction_never_an_advert_alone():
     assert attested_jurisdiction("c", "EU", attested) == ""  # claimed, not attested
     assert attested_jurisdiction("b", "EU", attested) == ""  # claimed otherwise
     assert attested_jurisdiction("a", "", attested) == ""
+
+
+def test_a_peer_that_never_answered_ranks_behind_one_that_did():
+    """Identities are free: an unproven peer's facts carry UNPROVEN_MS more latency (not in
+    a private swarm, whose peers' word is believed), so "fastest" sends a request to the
+    peer that answered before a thousand that only advertised the same."""
+    import samples
+
+    from rbee_p2p.routing.places import UNPROVEN_MS, peer_facts
+
+    advert = samples.advert()
+    facts = [peer_facts(pid, advert, "alive", None, 5.0, 1.0, jurisdiction="", proven=proven)
+             for pid, proven in (("fake", False), ("real", True))]
+    assert facts[0].latency_ms == facts[1].latency_ms + UNPROVEN_MS
+    decision = decide(fastest, RequestFacts("smollm2", max_tokens=4),
+                      Snapshot(None, tuple(facts)))
+    assert decision.candidates[0] == "real"
+    believed = peer_facts("fake", advert, "alive", None, 5.0, 1.0, jurisdiction="",
+                          proven=False, believe_claims=True)
+    assert believed.latency_ms == facts[1].latency_ms

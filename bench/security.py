@@ -1,0 +1,224 @@
+"""Floods against a real node of the open swarm (issue 13's numbers): under each, a local
+tenant's chat p50 latency against its unloaded value (the anchor, measured in the same run)
+and the node's RSS growth; fresh traffic accepted during a replay flood; a tenant's quota
+overshoot under 20 concurrent requests.
+
+The victim (``rbee-node start --swarm public``, scripted model at 200 tokens/s, defaults
+for per-peer limits) runs on CPU 0; this process -- the attacker, a real libp2p host
+(tests/security/attacker.py), and the client measuring chat -- on CPU 1, so the attack's
+own CPU does not count against the victim.  Needs 2 cores and psutil.
+
+    python bench/security.py [--chats 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import trio
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from common import free_port, median, server, table  # noqa: E402
+from security.attacker import hostile  # noqa: E402
+
+from rbee_p2p.tenancy.tenants import TenantBook  # noqa: E402
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+class Victim:
+    def __init__(self, stack, tmp: Path) -> None:
+        self.home = tmp / "victim"
+        self.home.mkdir()
+        book = TenantBook.open(self.home)
+        self.key = book.add("local")
+        self.capped = book.add("capped", tokens_per_day=10)
+        book.save()
+        self.port, p2p = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {"RBEE_HOME": str(self.home)}
+        cmd = ["taskset", "-c", "0", "rbee-node", "start", "--port", str(self.port),
+               "--no-mdns", "--no-dht", "--swarm", "public", "--p2p-listen",
+               f"/ip4/127.0.0.1/tcp/{p2p}", "--no-default-model", "--fake-model", "m:200"]
+        for name in ("RBEE_PSK", "RBEE_JOIN"):  # the open swarm: no swarm key
+            os.environ.pop(name, None)
+        self.proc = stack.enter_context(server(cmd, self.url + "/health", tmp / "victim.log",
+                                               env=env))
+        status = self.status()
+        self.addr = status["addrs"][0]
+        self.ps = psutil.Process(self.proc.pid)
+
+    def status(self) -> dict:
+        admin = (self.home / "admin.key").read_text().strip()
+        return httpx.get(self.url + "/rbee/status", timeout=10,
+                         headers={"Authorization": f"Bearer {admin}"}).json()
+
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 1e6
+
+
+def chats(victim: Victim, n: int) -> list[float]:
+    """``n`` sequential chats as the local tenant; their latencies (s)."""
+    out = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(n):
+            started = time.perf_counter()
+            r = client.post(victim.url + "/v1/chat/completions", json=CHAT,
+                            headers={"Authorization": f"Bearer {victim.key}"})
+            r.raise_for_status()
+            out.append(time.perf_counter() - started)
+    return out
+
+
+def keep(concurrency: int, one):
+    """A flood: ``concurrency`` copies of ``one(attacker)`` in a loop until cancelled."""
+    async def flood(attacker) -> None:
+        async def loop() -> None:
+            while True:
+                try:
+                    await one(attacker)
+                except Exception:
+                    await trio.sleep(0.01)  # refused, reset: go on
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(loop)
+    return flood
+
+
+def heavy_frame(attacker) -> bytes:
+    import cbor2
+
+    items = cbor2.loads(attacker.request())
+    items[6] = {**items[6], "pad": list(range(20)) * 50_000}
+    return cbor2.dumps(items, canonical=True)  # ~1 MB, the signature no longer matches
+
+
+FLOODS = {
+    "peer jobs (50 at once, 400 tokens each)": keep(50, lambda a: a.infer(
+        a.request(max_tokens=400, tenant_ref=os.urandom(32)), timeout=30)),
+    "1 MB frames, wrong signature (8 at once)": keep(8, lambda a: a.infer(
+        a.heavy, raw=True, timeout=30)),
+    "probes (32 at once)": keep(32, lambda a: a.probe()),
+    "unknown-model requests (16 at once)": keep(16, lambda a: a.infer(
+        a.request(model="nothing-here"))),
+    "replays of one request (16 at once)": keep(16, lambda a: a.infer(a.replayed)),
+}
+
+
+async def under(victim: Victim, flood, n: int) -> tuple[list[float], float, float | None]:
+    """(chat latencies, peak RSS growth in MB, fresh requests served from a second peer in
+    %) while ``flood`` runs."""
+    base = victim.rss_mb()
+    peak = [base]
+    fresh: list[bool] = []
+
+    async def watch() -> None:
+        while True:
+            peak[0] = max(peak[0], victim.rss_mb())
+            await trio.sleep(0.2)
+
+    async with hostile(victim.addr) as attacker, hostile(victim.addr) as other:
+        attacker.heavy = heavy_frame(attacker)
+        attacker.replayed = attacker.request(tenant_ref=os.urandom(32))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            nursery.start_soon(flood, attacker)
+            await trio.sleep(1.0)  # the flood in full swing
+            latencies = await trio.to_thread.run_sync(chats, victim, n)
+            if flood is FLOODS["replays of one request (16 at once)"]:
+                for _ in range(20):  # within the open swarm's 60 a minute
+                    kind, _ = await other.infer(other.request(tenant_ref=os.urandom(32)))
+                    fresh.append(kind == "served")
+            nursery.cancel_scope.cancel()
+    await trio.sleep(2)  # let the victim settle before the next flood
+    return latencies, peak[0] - base, (100 * sum(fresh) / len(fresh) if fresh else None)
+
+
+def slowloris(victim: Victim, n: int) -> tuple[list[float], float]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    base, sockets = victim.rss_mb(), []
+    try:
+        for i in range(2000):
+            s = socket.create_connection(("127.0.0.1", victim.port), timeout=5)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow-" + str(i).encode())
+            sockets.append(s)
+        grown = victim.rss_mb() - base
+        return chats(victim, n), grown
+    finally:
+        for s in sockets:
+            s.close()
+        time.sleep(2)
+
+
+def quota_overshoot(victim: Victim) -> int:
+    """Tokens the "capped" tenant (10 tokens a day) got beyond its quota from 20 concurrent
+    requests (10 streamed) of max_tokens 8."""
+    def one(i: int) -> None:
+        try:
+            httpx.post(victim.url + "/v1/chat/completions", timeout=30,
+                       json={**CHAT, "stream": i % 2 == 0},
+                       headers={"Authorization": f"Bearer {victim.capped}"})
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    time.sleep(0.5)
+    usage = victim.status()["tenancy"]["usage"]["capped"]
+    return usage["tokens_today"] - 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chats", type=int, default=40)
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("needs 2 cores: the victim on one, the attacker on the other")
+    os.sched_setaffinity(0, {1})
+    from contextlib import ExitStack
+
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        victim = Victim(stack, Path(tmp))
+        chats(victim, 10)  # warm up
+        anchor = median(chats(victim, args.chats))
+        rows = [["flood", "chat p50 ms", "x unloaded", "RSS +MB", "fresh served"],
+                ["none (anchor)", f"{anchor * 1000:.1f}", "1.00", "0", ""]]
+        for name, flood in FLOODS.items():
+            latencies, grown, fresh = trio.run(under, victim, flood, args.chats)
+            p50 = median(latencies)
+            rows.append([name, f"{p50 * 1000:.1f}", f"{p50 / anchor:.2f}", f"{grown:.0f}",
+                         "" if fresh is None else f"{fresh:.0f}%"])
+            print(rows[-1], flush=True)
+        latencies, grown = slowloris(victim, args.chats)
+        p50 = median(latencies)
+        rows.append(["2,000 half-open HTTP connections", f"{p50 * 1000:.1f}",
+                     f"{p50 / anchor:.2f}", f"{grown:.0f}", ""])
+        overshoot = quota_overshoot(victim)
+        print(table(rows))
+        print(f"\nquota overshoot (tokens/day = 10, 20 concurrent requests of max_tokens "
+              f"{CHAT['max_tokens']}): {overshoot} tokens "
+              f"({'within' if overshoot <= CHAT['max_tokens'] else 'MORE than'} one request's "
+              "max_tokens)")
+        status = victim.status()
+        print("victim's peer gate:", status["tenancy"]["peers"], "adverts:", status["adverts"])
+
+
+if __name__ == "__main__":
+    main()
