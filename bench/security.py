@@ -29,9 +29,9 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "security"))
+from attacker import hostile  # noqa: E402
 from common import free_port, median, server, table  # noqa: E402
-from security.attacker import hostile  # noqa: E402
 
 from rbee_p2p.tenancy.tenants import TenantBook  # noqa: E402
 

@@ -123,6 +123,9 @@ class NodeConfig:
     peer_rpm: int | None = None  # jobs a minute (private 600, public 60)
     peer_tokens_per_day: int | None = None  # tokens a UTC day (private none, public 1M)
     peer_queue_share: float = 0.5  # of a model's queue that peers' waiting jobs may fill
+    # seconds after this node's own last request during which peers' new jobs are refused
+    # (its users come first; None: private 0, public 30)
+    peer_yield: float | None = None
     # -- routing --
     policy: str = "fastest"  # a built-in's name or a Starlark policy file (.star)
     policy_timeout_ms: int = 50  # a Starlark decision's deadline (then the built-in decides)
@@ -194,7 +197,7 @@ _SCALARS = {"host": str, "port": int, "default_model": bool, "max_queue": int,
             "max_images": int, "image_url_ttl": int, "image_store_mb": int,
             "memory_headroom": float, "audit_retention_days": float,
             "peer_concurrent": int, "peer_rpm": int, "peer_tokens_per_day": int,
-            "peer_queue_share": float,
+            "peer_queue_share": float, "peer_yield": float,
             "policy": str, "policy_timeout_ms": int}
 _LISTS = {"p2p_listen", "peers", "bootstrap", "allow_peers", "mdns_interfaces", "fake_models"}
 _ENV = {"host": "RBEE_HOST", "port": "RBEE_PORT", "max_queue": "RBEE_MAX_QUEUE",
@@ -293,6 +296,17 @@ def peer_limits(config: NodeConfig) -> tuple[int, int, int]:
     return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore
 
 
+PEER_YIELD_S = {"private": 0.0, "public": 30.0}
+"""The swarm's default ``peer_yield``: one owner's machines share alike; strangers of the
+open swarm give way to this node's own users."""
+
+
+def peer_yield_s(config: NodeConfig) -> float:
+    """Seconds after a local request during which peers' new jobs are refused here."""
+    given = config.peer_yield
+    return PEER_YIELD_S[config.swarm] if given is None else given
+
+
 def _check_swarm(config: NodeConfig) -> None:
     if config.swarm not in PEER_LIMITS:
         raise ConfigError(f"swarm must be 'private' (members only, the default) or 'public' "
@@ -303,9 +317,10 @@ def _check_swarm(config: NodeConfig) -> None:
     if config.psk and config.join:
         raise ConfigError("both a swarm key (psk) and an invitation (--join): pick one")
     if any(v is not None and v < 0 for v in
-           (config.peer_concurrent, config.peer_rpm, config.peer_tokens_per_day)) \
-            or not 0 < config.peer_queue_share <= 1:
-        raise ConfigError("peer limits are >= 0 (0: no limit), 0 < peer_queue_share <= 1")
+           (config.peer_concurrent, config.peer_rpm, config.peer_tokens_per_day,
+            config.peer_yield)) or not 0 < config.peer_queue_share <= 1:
+        raise ConfigError("peer limits and peer_yield are >= 0 (0: no limit), "
+                          "0 < peer_queue_share <= 1")
 
 
 def _check_policy(config: NodeConfig) -> None:

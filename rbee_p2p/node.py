@@ -19,7 +19,7 @@ from .api.images import ImageService, image_limits
 from .dispatch.drain import Drain
 from .dispatch.request import Limits
 from .api.serving import Serving
-from .config import NodeConfig, audit_path, key_path, peer_limits
+from .config import NodeConfig, audit_path, key_path, peer_limits, peer_yield_s
 from .dispatch import Dispatcher
 from .engines.admission import Capacity, load_models
 from .engines.base import TextEngine
@@ -81,7 +81,8 @@ class Node:
         self.peer_id = key.peer_id_str if key is not None else peer_id
         self.audit = audit
         self.scheduler = Scheduler(engines, max_queue=config.max_queue,
-                                   remote_share=config.peer_queue_share)
+                                   remote_share=config.peer_queue_share,
+                                   peer_yield_s=peer_yield_s(config))
         self.capacity = capacity or Capacity.for_engines(engines, config)
         self.scheduler.unavailable = self.capacity.unavailable
         self.policy = PolicyRuntime(config.policy, timeout_ms=config.policy_timeout_ms,
@@ -125,7 +126,9 @@ class Node:
         status.update(self.capacity.status())  # devices, unavailable models, images
         status["images"].update(self.images.status())
         status["tenancy"] = self.gate.status()
-        status["tenancy"]["peers"] = self.peer_gate.status()
+        status["tenancy"]["peers"] = {**self.peer_gate.status(),
+                                      "yield_s": self.scheduler.peer_yield_s,
+                                      "yielded": self.scheduler.yielded}
         if self.mesh is not None:
             status.update(self.mesh.status())
         return status

@@ -4,8 +4,12 @@ Each model runs one job at a time (its model thread).  Requests wait in FIFO ord
 most ``max_queue`` of them; beyond that they are refused at once with :class:`Busy` and a
 Retry-After estimate.  Jobs run for peers (``remote``) wait behind every local request and
 may fill at most ``remote_share`` of the queue: a flood from peers never makes a local
-request wait for more than the job that is running, nor refuses it.  Queue depth and
-active jobs are observable (they feed the capability adverts).
+request wait for more than the job that is running, nor refuses it.  With ``peer_yield_s``
+peers give way altogether while this node's own users are active: from a local request's
+admission until ``peer_yield_s`` after it ended, a peer's job is refused (Busy: its entry
+node tries elsewhere) rather than started, so a user chatting here never waits behind a
+stranger's job but the first.  Queue depth and active jobs are observable (they feed the
+capability adverts).
 """
 
 from __future__ import annotations
@@ -63,12 +67,16 @@ class _Slot:
         self.engine = engine
         self.turn = _Turn()
         self.mean_seconds = 1.0  # moving average of job durations, for Retry-After
+        self.local_jobs = 0  # local jobs waiting or running
+        self.local_until = -math.inf  # peers give way until then (trio time)
 
 
 class Scheduler:
     def __init__(self, engines: Iterable[TextEngine], max_queue: int = 16,
-                 remote_share: float = 0.5) -> None:
+                 remote_share: float = 0.5, peer_yield_s: float = 0.0) -> None:
         self.max_queue = max_queue
+        self.peer_yield_s = peer_yield_s
+        self.yielded = 0  # peers' jobs refused while local users were active
         # peers' jobs waiting: their share, at least one (if any may wait)
         self.remote_queue = min(max_queue, max(1, int(max_queue * remote_share)))
         self._slots: dict[str, _Slot] = {}
@@ -109,6 +117,8 @@ class Scheduler:
         """Raise :class:`Busy` (with a Retry-After estimate) if ``engine``'s queue is full,
         or (``remote``) peers' share of it."""
         slot = self._slots[engine.card.name]
+        if remote:
+            self._give_way(slot)
         turn = slot.turn
         waiting = len(turn.remote) if remote else turn.waiting
         limit = self.remote_queue if remote else self.max_queue
@@ -125,9 +135,13 @@ class Scheduler:
         self.check(engine, remote)
         slot = self._slots[engine.card.name]
         self._changed()  # one more waiting
+        if not remote:
+            slot.local_jobs += 1
         try:
             await slot.turn.acquire(remote)
             try:
+                if remote:
+                    self._give_way(slot)  # a local user came while it waited
                 self._changed()  # running
                 start = trio.current_time()
                 try:
@@ -138,7 +152,19 @@ class Scheduler:
             finally:
                 slot.turn.release()
         finally:
+            if not remote:
+                slot.local_jobs -= 1
+                slot.local_until = trio.current_time() + self.peer_yield_s
             self._changed()  # done (or gave up waiting)
+
+    def _give_way(self, slot: _Slot) -> None:
+        """Raise Busy for a peer's job while this node's own users are active."""
+        if self.peer_yield_s > 0 and (slot.local_jobs > 0
+                                      or trio.current_time() < slot.local_until):
+            self.yielded += 1
+            raise Busy(f"model {slot.engine.card.name} is in use by this node's own users; "
+                       "peers' jobs go elsewhere for now",
+                       retry_after=max(1, math.ceil(self.peer_yield_s)))
 
     def _changed(self) -> None:
         for listener in self.listeners:

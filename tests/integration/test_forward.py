@@ -529,3 +529,45 @@ async def test_local_requests_wait_behind_one_job_at_most_whatever_peers_queue(
     assert trio.current_time() - started <= 2 * 2 + 0.5
     await trio.sleep(20)
     assert order == ["refused", "peer0", "local", "peer1", "peer2", "peer3", "peer4"]
+
+
+async def test_peers_give_way_while_this_nodes_own_users_are_active(mesh, nursery,
+                                                                    autojump_clock):
+    """peer_yield_s: from a local request's admission until peer_yield_s after it ends,
+    peers' jobs are refused (their entry nodes go elsewhere) -- queued ones too, when their
+    turn comes -- so a user chatting back to back waits behind no stranger's job but the
+    one running when it first came; after the quiet time peers are served again."""
+    from rbee_p2p.dispatch import Dispatcher
+
+    engine = ScriptedEngine("fake", script="alpha", token_seconds=1.0)
+    scheduler = Scheduler([engine], max_queue=8, peer_yield_s=10.0)
+    server = executor(scheduler=scheduler, where="EU")
+    outcomes = []
+
+    async def remote():
+        try:
+            job, _, _ = await mesh(call(max_tokens=2), server=server)
+            await collect(job)
+            outcomes.append("served")
+        except Busy as exc:
+            outcomes.append("refused" if "own users" in str(exc) else str(exc))
+
+    nursery.start_soon(remote)  # running when the user comes
+    await trio.sleep(0.1)
+    nursery.start_soon(remote)  # waiting in the queue
+    await trio.sleep(0.1)
+    dispatcher = Dispatcher(scheduler)
+    waits = []
+    for _ in range(3):  # the user, back to back
+        started = trio.current_time()
+        await collect(dispatcher._local_job(engine, call(max_tokens=2), Stamp()))
+        waits.append(trio.current_time() - started)
+        nursery.start_soon(remote)  # a peer trying meanwhile
+        await trio.sleep(0.5)
+    assert waits[0] <= 4.5 and all(w <= 2.5 for w in waits[1:]), waits  # one job ahead, once
+    await trio.sleep(5)
+    assert outcomes == ["served", "refused", "refused", "refused", "refused"], outcomes
+    assert scheduler.yielded == 4
+    await trio.sleep(10)  # the user went quiet: peers are served again
+    await remote()
+    assert outcomes[-1] == "served"

@@ -22,7 +22,8 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory):
     home = tmp_path_factory.mktemp("victim")
-    (home / "rbee-node.toml").write_text("peer_rpm = 1000\n")  # concurrency is the point
+    # concurrency is the point (and peers giving way to local users is tested on its own)
+    (home / "rbee-node.toml").write_text("peer_rpm = 1000\npeer_yield = 0\n")
     proc = NodeProcess(home, "--no-default-model", "--fake-model", "m:200", "--swarm",
                        "public", "--no-mdns", "--no-dht", env_psk=None)
     try:

@@ -119,6 +119,16 @@ def test_mesh_settings_from_file_env_and_flags(tmp_path):
     assert config.p2p_listen == ("/ip4/127.0.0.1/tcp/0",) and config.jurisdiction == "EU"
 
 
+def test_peers_give_way_to_local_users_in_the_open_swarm_by_default(tmp_path):
+    from rbee_p2p.config import peer_yield_s
+
+    env = {"RBEE_HOME": str(tmp_path)}
+    assert peer_yield_s(load_config(env=env)) == 0  # private: one owner's machines alike
+    assert peer_yield_s(load_config(env={**env, "RBEE_SWARM": "public"})) == 30
+    (tmp_path / "rbee-node.toml").write_text('swarm = "public"\npeer_yield = 0\n')
+    assert peer_yield_s(load_config(env=env)) == 0
+
+
 @pytest.mark.parametrize("text, match", [
     ("peers = 3", "list of strings"),
     ("suspect_after = 9.0", "suspect_after < dead_after"),
@@ -127,6 +137,7 @@ def test_mesh_settings_from_file_env_and_flags(tmp_path):
     ("swarm = 'public'\npsk = 'x'", "makes a private swarm"),
     ("psk = 'x'\njoin = 'y'", "pick one"),
     ("peer_rpm = -1", "peer limits"),
+    ("peer_yield = -1.0", "peer_yield"),
     ("peer_queue_share = 0.0", "peer_queue_share"),
     ("max_peers = 0", "max_peers"),
 ])
