@@ -55,7 +55,8 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
         who = tenant()
         parse = parse_chat if kind == "chat" else parse_completion
         call = parse(await body(), limits)
-        async with serving.admission(who, call.model, call.request.tokens_estimate()) as admitted:
+        async with serving.admission(who, call.model, call.request.tokens_estimate(),
+                                     call.request.prompt_chars()) as admitted:
             if not call.stream:
                 return _json(await serving.complete(call, admitted))
             job = await serving.start(call, admitted)
@@ -78,7 +79,8 @@ def create_app(serving: Serving, limits: Limits, *, max_body_bytes: int,
     async def embeddings() -> Response:
         who = tenant()
         call = parse_embeddings(await body(), limits)
-        async with serving.admission(who, call.model, call.request.tokens_estimate()) as admitted:
+        async with serving.admission(who, call.model, call.request.tokens_estimate(),
+                                     call.request.prompt_chars()) as admitted:
             return _json(await serving.embeddings(call, admitted))
 
     @app.get("/v1/models")

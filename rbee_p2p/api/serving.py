@@ -93,13 +93,13 @@ class Serving:
         return job, "".join(parts)
 
     @asynccontextmanager
-    async def admission(self, tenant: Tenant | None, model: str,
-                        reserve: int = 0) -> AsyncIterator[Pass]:
-        """Admit one request of ``tenant`` for ``model`` expected to use ``reserve`` tokens
-        (quotas, allowed models).  A refusal — here or, for residency and policy, by the
+    async def admission(self, tenant: Tenant | None, model: str, reserve: int = 0,
+                        prompt: int = 0) -> AsyncIterator[Pass]:
+        """Admit one request of ``tenant`` for ``model`` expected to use ``reserve`` tokens,
+        ``prompt`` of them its input (quotas, allowed models).  A refusal — here or, for residency and policy, by the
         dispatcher — is counted and audited, then raised."""
         try:
-            admitted = self.gate.admit(tenant, model, reserve)
+            admitted = self.gate.admit(tenant, model, reserve, prompt)
         except Forbidden as exc:
             await self._refused(tenant, model, exc)
             raise

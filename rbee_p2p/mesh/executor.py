@@ -67,7 +67,8 @@ Returns the job unstarted; raises RequestError (not here, bad request, busy)."""
 class PeerAdmission(Protocol):
     """Per-peer limits on peers' jobs (the node's ``tenancy.peers.PeerGate``)."""
 
-    def admit(self, peer: bytes, model: str, reserve: int, tenant_ref: bytes | None) -> Any:
+    def admit(self, peer: bytes, model: str, reserve: int, tenant_ref: bytes | None,
+              prompt: int = 0) -> Any:
         """Raises RequestError (Forbidden, QuotaExceeded)."""
 
     def finish(self, admitted: Any, tokens: int) -> None: ...
@@ -190,7 +191,7 @@ class Executor:
             request = from_wire(message, self.limits)
             if self.peers is not None:
                 admitted = self.peers.admit(remote, request.model, request.tokens_estimate(),
-                                            message.tenant_ref)
+                                            message.tenant_ref, request.prompt_chars())
             job = self.run(request, model_digest=message.model_digest,
                            admit_by_ms=message.admit_by_ms, now_ms=now_ms(),
                            request_id=message.request_id)

@@ -142,12 +142,14 @@ class Gate:
             self._guesses.clear()
         self._guesses[source] = (start, wrong + 1)
 
-    def admit(self, tenant: Tenant | None, model: str, reserve: int = 0) -> Pass:
+    def admit(self, tenant: Tenant | None, model: str, reserve: int = 0,
+              prompt: int = 0) -> Pass:
         """Check the tenant's model list and quotas for one request expected to use
-        ``reserve`` tokens.  Raises Forbidden or QuotaExceeded (counted per tenant)."""
+        ``reserve`` tokens (``prompt`` of them its input).  Raises Forbidden or
+        QuotaExceeded (counted per tenant)."""
         if tenant is None:
             return Pass(None, Stamp())
-        held = self.quotas.admit(tenant, model, self.clock(), reserve)
+        held = self.quotas.admit(tenant, model, self.clock(), reserve, prompt)
         return Pass(tenant, Stamp(tenant_ref=self.ref(tenant), tenant=tenant.facts),
                     reserved=held)
 

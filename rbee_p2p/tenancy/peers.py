@@ -50,7 +50,7 @@ class PeerGate:
         self.keyless_refused = 0
 
     def admit(self, peer: bytes, model: str, reserve: int,
-              tenant_ref: bytes | None) -> PeerPass:
+              tenant_ref: bytes | None, prompt: int = 0) -> PeerPass:
         """Admit one job of ``peer``.  Raises Forbidden (key-less work in the open swarm
         for a node with tenants) or QuotaExceeded (the peer is over a limit)."""
         if self.public and tenant_ref is None and self.has_tenants():
@@ -59,7 +59,7 @@ class PeerGate:
                             "admitted with an API key of its own tenants")
         tenant = Tenant(name=peer_id_to_str(peer), key_hash="", key_hint="",
                         rpm=self.rpm, tokens_per_day=self.per_day, concurrent=self.concurrent)
-        held = self.quotas.admit(tenant, model, self.clock(), reserve)
+        held = self.quotas.admit(tenant, model, self.clock(), reserve, prompt)
         return PeerPass(tenant, held)
 
     def finish(self, admitted: PeerPass, tokens: int) -> None:

@@ -183,8 +183,9 @@ class Quotas:
     """Per-tenant rate limits on this node (requests entering here, wherever they run).
 
     ``admit`` checks and counts a request and reserves its tokens (its estimate, at most what
-    is left of the day's quota, so concurrent requests cannot all pass one check: the day's
-    total overshoots by at most one request); ``finish`` releases its slot, frees its
+    is left of the day's quota, so concurrent requests cannot all pass one check) -- only
+    if what is left holds its prompt, so the day's total overshoots by at most one
+    request's generated tokens (its max_tokens); ``finish`` releases its slot, frees its
     reservation and adds the tokens it used.  Time is the caller's (seconds since the epoch).
     """
 
@@ -211,9 +212,11 @@ class Quotas:
         u = self._usage(tenant)
         u.refused[str(status)] = u.refused.get(str(status), 0) + 1
 
-    def admit(self, tenant: Tenant, model: str, now: float, reserve: int = 0) -> int:
-        """Admit a request expected to use ``reserve`` tokens; the tokens reserved for it.
-        Raises Forbidden (model not allowed) or QuotaExceeded (with the wait)."""
+    def admit(self, tenant: Tenant, model: str, now: float, reserve: int = 0,
+              prompt: int = 0) -> int:
+        """Admit a request expected to use ``reserve`` tokens, ``prompt`` of them its input;
+        the tokens reserved for it.  Raises Forbidden (model not allowed) or QuotaExceeded
+        (with the wait)."""
         u = self._usage(tenant)
         if not tenant.allows(model):
             self.refused(tenant, 403)
@@ -228,7 +231,7 @@ class Quotas:
         if tenant.rpm is not None and len(u.recent) >= tenant.rpm:
             wait, why = u.recent[0] + 60 - now, f"{tenant.rpm} requests per minute"
         elif tenant.tokens_per_day is not None and \
-                u.tokens_today + u.reserved >= tenant.tokens_per_day:
+                u.tokens_today + u.reserved + prompt >= tenant.tokens_per_day:
             wait, why = (day + 1) * DAY_S - now, f"{tenant.tokens_per_day} tokens per day"
         elif tenant.concurrent is not None and u.in_flight >= tenant.concurrent:
             wait, why = 1.0, f"{tenant.concurrent} concurrent requests"

@@ -473,11 +473,12 @@ async def test_a_peers_daily_tokens_are_reserved_at_admission(mesh, nursery, aut
                 refused += 1
         for _ in range(5):  # concurrent: they cannot all pass one check
             n.start_soon(one)
-    # the second takes what is left of the reservation: the day overshoots by at most one
-    # request's max_tokens, never by the whole burst
-    assert admitted == 2 and refused == 3
+    # a later one is admitted only while what is left holds its prompt, and takes what is
+    # left of the reservation: the day overshoots by at most one request's max_tokens,
+    # never by the whole burst
+    assert 1 <= admitted <= 2 and refused == 5 - admitted
     (usage,) = gate.quotas.status().values()
-    assert 40 < usage["tokens_today"] <= 40 + 30 and usage["reserved"] == 0
+    assert 30 < usage["tokens_today"] <= 40 + 30 and usage["reserved"] == 0
 
 
 async def test_key_less_work_in_the_open_swarm_needs_tenants_of_the_sender(mesh,

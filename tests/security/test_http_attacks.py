@@ -77,3 +77,80 @@ def test_slowloris_with_2000_half_open_connections_leaves_health_answering(tmp_p
         for s in sockets:
             s.close()
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tenanted(tmp_path_factory):
+    """A node with tenants: "capped" (10 tokens a day), "single" (one request at a time)."""
+    from rbee_p2p.tenancy.tenants import TenantBook
+
+    home = tmp_path_factory.mktemp("tenanted")
+    book = TenantBook.open(home)
+    keys = {"capped": book.add("capped", tokens_per_day=10),
+            "single": book.add("single", concurrent=1)}
+    book.save()
+    proc = NodeProcess(home, "--no-default-model", "--no-p2p", "--fake-model", "m:50")
+    try:
+        proc.wait_ready()
+        yield proc, keys
+    finally:
+        proc.kill()
+
+
+def test_twenty_concurrent_requests_overshoot_a_daily_quota_by_one_request_at_most(tenanted):
+    """Before: 17 of 20 (plain) and 20 of 20 (streamed) admitted, 340x the quota."""
+    import threading
+
+    proc, keys = tenanted
+    codes = []
+
+    def one(stream):
+        r = httpx.post(proc.url + "/v1/chat/completions", json={**CHAT, "stream": stream},
+                       headers={"Authorization": f"Bearer {keys['capped']}"}, timeout=30)
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=one, args=(i % 2 == 0,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(codes) == 20 and codes.count(429) >= 15 and set(codes) <= {200, 429}, codes
+    usage = proc.status()["tenancy"]["usage"]["capped"]
+    assert usage["tokens_today"] <= 10 + CHAT["max_tokens"], usage
+    assert usage["reserved"] == 0 and usage["in_flight"] == 0
+
+
+def test_streams_reset_right_after_sending_leave_no_slot_held(tenanted):
+    """Before: a client resetting 1 ms after its request left the tenant's in-flight count
+    stuck, and a one-at-a-time tenant got 429 until a restart."""
+    import json
+    import socket
+    import struct
+    import time
+
+    proc, keys = tenanted
+    body = json.dumps({**CHAT, "max_tokens": 200, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            f"\r\nAuthorization: Bearer {keys['single']}\r\nContent-Length: {len(body)}\r\n\r\n")
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", proc.port), timeout=5)
+        s.sendall(head.encode() + body)
+        time.sleep(0.001)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST
+    deadline = time.monotonic() + 10
+    while proc.status()["tenancy"]["usage"]["single"]["in_flight"]:
+        assert time.monotonic() < deadline, proc.status()["tenancy"]["usage"]["single"]
+        time.sleep(0.1)
+    r = httpx.post(proc.url + "/v1/chat/completions", json=CHAT, timeout=30,
+                   headers={"Authorization": f"Bearer {keys['single']}"})
+    assert r.status_code == 200, r.text
+
+
+def test_status_without_the_admin_key_tells_nothing(tenanted):
+    """Before: every tenant name with its usage, model paths and peers."""
+    proc, _ = tenanted
+    r = httpx.get(proc.url + "/rbee/status", timeout=10)
+    assert r.status_code == 401
+    assert "capped" not in r.text and "single" not in r.text and "models" not in r.text
+    assert proc.status()["tenancy"]["tenants"] == 2  # the admin key opens it

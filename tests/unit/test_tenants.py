@@ -105,6 +105,21 @@ def test_tokens_per_day_reset_at_utc_midnight(tmp_path):
     q.admit(t, "m", T0 + DAY)  # a new UTC day
 
 
+def test_a_request_is_admitted_only_while_what_is_left_holds_its_prompt(tmp_path):
+    """So concurrent requests overshoot the day by at most one request's max_tokens: each
+    reserves its estimate (prompt + max_tokens), at most what is left."""
+    t, q = tenant(tmp_path, tokens_per_day=10), Quotas()
+    assert q.admit(t, "m", T0, reserve=6, prompt=2) == 6
+    assert q.admit(t, "m", T0, reserve=6, prompt=2) == 4  # 4 left hold a 2-token prompt
+    with pytest.raises(QuotaExceeded):
+        q.admit(t, "m", T0, reserve=6, prompt=2)  # nothing left
+    q.finish(t, 6, T0, reserved=6)
+    q.finish(t, 6, T0, reserved=4)  # used all its estimate: 2 over, less than max_tokens 4
+    assert q.status()["acme"]["tokens_today"] == 12
+    with pytest.raises(QuotaExceeded):  # the next day: its prompt alone is over the quota
+        q.admit(t, "m", T0 + DAY, reserve=20, prompt=12)
+
+
 def test_concurrency_slots_are_released(tmp_path):
     t, q = tenant(tmp_path, concurrent=1), Quotas()
     q.admit(t, "m", T0)
