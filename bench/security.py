@@ -30,7 +30,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "security"))
-from attacker import hostile  # noqa: E402
+from attacker import fake_advert, hostile, sybil_adverts  # noqa: E402
 from common import free_port, median, server, table  # noqa: E402
 
 from rbee_p2p.tenancy.tenants import TenantBook  # noqa: E402
@@ -108,6 +108,14 @@ def heavy_frame(attacker) -> bytes:
     return cbor2.dumps(items, canonical=True)  # ~1 MB, the signature no longer matches
 
 
+async def sybils(attacker) -> None:
+    """1,500 identities' signed adverts over one connection, again every second."""
+    from rbee_p2p.protocol.identity import NodeKey
+
+    keys = [NodeKey.from_seed(i.to_bytes(32, "big")) for i in range(1, 1501)]
+    await sybil_adverts(attacker.victim_addr, "public", keys, advert=fake_advert, every_s=1.0)
+
+
 FLOODS = {
     "peer jobs (50 at once, 400 tokens each)": keep(50, lambda a: a.infer(
         a.request(max_tokens=400, tenant_ref=os.urandom(32)), timeout=30)),
@@ -117,6 +125,7 @@ FLOODS = {
     "unknown-model requests (16 at once)": keep(16, lambda a: a.infer(
         a.request(model="nothing-here"))),
     "replays of one request (16 at once)": keep(16, lambda a: a.infer(a.replayed)),
+    "Sybil: 1,500 identities' adverts a second, one connection": sybils,
 }
 
 
@@ -135,6 +144,7 @@ async def under(victim: Victim, flood, n: int) -> tuple[list[float], float, floa
     async with hostile(victim.addr) as attacker, hostile(victim.addr) as other:
         attacker.heavy = heavy_frame(attacker)
         attacker.replayed = attacker.request(tenant_ref=os.urandom(32))
+        attacker.victim_addr = victim.addr
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             nursery.start_soon(flood, attacker)

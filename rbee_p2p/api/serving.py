@@ -96,8 +96,8 @@ class Serving:
     async def admission(self, tenant: Tenant | None, model: str, reserve: int = 0,
                         prompt: int = 0) -> AsyncIterator[Pass]:
         """Admit one request of ``tenant`` for ``model`` expected to use ``reserve`` tokens,
-        ``prompt`` of them its input (quotas, allowed models).  A refusal — here or, for residency and policy, by the
-        dispatcher — is counted and audited, then raised."""
+        ``prompt`` of them its input (quotas, allowed models).  A refusal — here or, for
+        residency and policy, by the dispatcher — is counted and audited, then raised."""
         try:
             admitted = self.gate.admit(tenant, model, reserve, prompt)
         except Forbidden as exc:

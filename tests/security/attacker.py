@@ -20,10 +20,11 @@ from rbee_p2p.mesh.host import build_host, psk_from_secret
 from rbee_p2p.mesh.settings import PROBE_ID
 from rbee_p2p.protocol.envelope import Verifier, seal
 from rbee_p2p.protocol.framing import encode_frame
-from rbee_p2p.protocol.identity import NodeKey
-from rbee_p2p.protocol.messages import ErrorMessage, InferenceRequest, Turn
+from rbee_p2p.protocol.identity import NodeKey, peer_id_to_str
+from rbee_p2p.protocol.messages import (CapabilityAdvert, ErrorMessage, InferenceRequest, ModelInfo,
+                                        Price, Turn)
 
-__all__ = ["Attacker", "hostile"]
+__all__ = ["Attacker", "hostile", "sybil_adverts", "fake_advert"]
 
 
 class Attacker:
@@ -79,6 +80,19 @@ class Attacker:
                 return await frames.receive()
             finally:
                 await frames.reset()
+
+
+def fake_advert(key: NodeKey) -> bytes:
+    """A validly signed advert of the open swarm claiming model "m" at 10 million tokens/s
+    and jurisdiction EU, at an address where nothing listens."""
+    now = int(time.time() * 1000)
+    return seal(key, CapabilityAdvert(
+        swarm="public", seq=now, version="0.1.0",
+        addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id_to_str(key.peer_id)}",),
+        models=(ModelInfo(name="m", digest=bytes(32), modality="text", context=2048,
+                          tokens_per_s=1e7 - 1, size_bytes=1),),
+        devices=(), queue_depth=0, active_jobs=0, max_queue=64, jurisdiction="EU",
+        price=Price()), now_ms=now, ttl_ms=600_000)
 
 
 async def sybil_adverts(victim_addr: str, swarm: str, keys: list[NodeKey], *,

@@ -15,27 +15,14 @@ import httpx
 import pytest
 import trio
 from e2e.nodeproc import cluster
-from security.attacker import sybil_adverts
+from security.attacker import fake_advert, sybil_adverts
 
 from rbee_p2p.mesh.membership import NEW_BURST, NEW_PER_S
-from rbee_p2p.protocol.envelope import seal
-from rbee_p2p.protocol.identity import NodeKey, peer_id_to_str
-from rbee_p2p.protocol.messages import CapabilityAdvert, ModelInfo, Price
+from rbee_p2p.protocol.identity import NodeKey
 
 pytestmark = pytest.mark.e2e
 FAST = "advert_interval = 0.5\nsuspect_after = 1.5\ndead_after = 3.0\n"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-
-def fake_advert(key: NodeKey) -> bytes:
-    now = int(time.time() * 1000)
-    return seal(key, CapabilityAdvert(
-        swarm="public", seq=now, version="0.1.0",
-        addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{peer_id_to_str(key.peer_id)}",),
-        models=(ModelInfo(name="m", digest=bytes(32), modality="text", context=2048,
-                          tokens_per_s=1e7 - 1, size_bytes=1),),
-        devices=(), queue_depth=0, active_jobs=0, max_queue=64, jurisdiction="EU",
-        price=Price()), now_ms=now, ttl_ms=600_000)
 
 
 def test_a_thousand_identities_over_one_connection_change_little(tmp_path):
