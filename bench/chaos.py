@@ -85,12 +85,9 @@ def main() -> None:
     try:
         for node in everyone():
             node.wait_ready()
-        deadline = time.monotonic() + 60
-        while not all(sum(p["state"] == "alive" and "m" in p["models"]
-                          for p in e.status()["peers"]) == 3 for e in entries):
-            if time.monotonic() > deadline:
-                sys.exit("the entry nodes never saw all three executors")
-            time.sleep(0.2)
+        for e in entries:
+            e.wait_for(lambda s: sum(p["state"] == "alive" and "m" in p["models"]
+                                     for p in s["peers"]) == 3, 60, "all three executors")
 
         def client(seed: int) -> None:
             mine = random.Random(seed)

@@ -43,11 +43,7 @@ def main() -> None:
     try:
         for n in (peer, entry):
             n.wait_ready()
-        deadline = time.monotonic() + 30
-        while not any(p["models"] for p in entry.status()["peers"]):
-            if time.monotonic() > deadline:
-                sys.exit("the entry node never saw the peer")
-            time.sleep(0.2)
+        entry.wait_for(lambda s: any(p["models"] for p in s["peers"]), 30, "the peer")
 
         def client(seed: int) -> None:
             rng = random.Random(seed)

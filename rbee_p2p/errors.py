@@ -40,6 +40,7 @@ __all__ = [
     "Busy",
     "Unreachable",
     "ShuttingDown",
+    "AuditUnavailable",
     "ModelUnavailable",
     "EngineFailure",
     "Unauthorized",
@@ -104,6 +105,11 @@ class ShuttingDown(Busy):
     its drain is ended with this (another node may serve it)."""
 
 
+class AuditUnavailable(Busy):
+    """This node cannot write its audit log (a full disk): it serves nothing it could not
+    record until it can again."""
+
+
 class ModelUnavailable(RequestError):
     """The model is configured here but not loaded: it does not fit its device's memory
     budget, its pinned device is missing, or its engine (torch) is not installed.  Retrying
@@ -161,6 +167,7 @@ ERRORS: dict[type[RequestError], ErrorSpec] = {
     Busy: ErrorSpec(503, "server_error", "overloaded", "busy"),
     Unreachable: ErrorSpec(503, "server_error", "model_unreachable", "busy"),
     ShuttingDown: ErrorSpec(503, "server_error", "node_stopping", "busy"),
+    AuditUnavailable: ErrorSpec(503, "server_error", "audit_unavailable", "busy"),
     ModelUnavailable: ErrorSpec(503, "server_error", "model_unavailable", "model_not_found"),
     EngineFailure: ErrorSpec(500, "server_error", "engine_failure", "internal"),
     PeerUnavailable: ErrorSpec(502, "server_error", "peer_unavailable", "internal"),

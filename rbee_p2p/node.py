@@ -129,6 +129,9 @@ class Node:
         status["tenancy"]["peers"] = {**self.peer_gate.status(),
                                       "yield_s": self.scheduler.peer_yield_s,
                                       "yielded": self.scheduler.yielded}
+        if self.audit is not None:
+            status["audit"] = {"written": self.audit.written, "lost": self.audit.lost,
+                               "failing": self.audit.failing}
         if self.mesh is not None:
             status.update(self.mesh.status())
         return status

@@ -201,6 +201,8 @@ class Dispatcher:
         or would take it).
         """
         self.drain.check()
+        if self.audit is not None:
+            self.audit.check()
         engine, ranked = await self.plan(request, stamp)
         candidates = iter(ranked.candidates)
         job = await self._start_next(candidates, engine, request, stamp)

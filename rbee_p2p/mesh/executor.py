@@ -188,6 +188,8 @@ class Executor:
         admitted = None
         try:
             self.drain.check()
+            if self.audit is not None:
+                self.audit.check()
             request = from_wire(message, self.limits)
             if self.peers is not None:
                 admitted = self.peers.admit(remote, request.model, request.tokens_estimate(),

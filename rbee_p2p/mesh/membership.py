@@ -4,7 +4,7 @@ adverts fill, aged into suspect / dead / forgotten.
 
 Sybil resistance: identities are free, so an advert alone earns little.  A connection may
 introduce new identities only at :data:`NEW_PER_S` (after a burst of :data:`NEW_BURST`, a
-swarm being joined), checked before any signature work; and the swarm's size as our
+swarm being joined), checked before the advert is decoded or verified; and the swarm's size as our
 advert cadence and the table's liveness limits see it counts peers that proved themselves
 (answered a ping or a probe, or ran a job for us) -- thousands of identities that only send
 adverts never slow our adverts nor keep themselves alive longer."""

@@ -6,6 +6,11 @@ when the bounded queue is full (backpressure, nothing dropped) — or, with ``du
 until the record's batch is fsynced (group commit: concurrent callers share one fsync).
 Closing drains the queue.
 
+A record the disk refuses (full) is lost, never half-written (the log truncates back), and
+from then on :meth:`check` refuses new work -- nothing is served that could not be recorded
+-- until the log's file system has room again (:data:`ROOM_BYTES`) and the next record is
+written.
+
 Retention: with ``retention_days``, the writer prunes records older than that at start and
 then every ``prune_every`` seconds, in the same worker thread, between batches (it owns the
 log's lock, so nobody else may rewrite the file while the node runs).
@@ -14,18 +19,22 @@ log's lock, so nobody else may rewrite the file while the node runs).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import trio
 
+from ..errors import AuditUnavailable, StorageError
 from .audit import AuditLog
 
 __all__ = ["AuditWriter"]
 
 log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
+ROOM_BYTES = 1 << 20
+"""Free space on the log's file system after which a failing log is tried again."""
 
 
 @dataclass
@@ -47,6 +56,8 @@ class AuditWriter:
         self._send, self._receive = trio.open_memory_channel[_Item](max_pending)
         self.written = 0
         self.pruned = 0
+        self.failing: str | None = None  # why the last record could not be written
+        self.lost = 0  # records the disk refused
 
     async def record(self, kind: str, outcome: str, *, receipt: bytes | None = None,
                      durable: bool = False, **fields: Any) -> None:
@@ -63,6 +74,22 @@ class AuditWriter:
             if item.error is not None:
                 raise item.error
 
+    def check(self) -> None:
+        """Raise AuditUnavailable (503) while the log cannot be written: its last record
+        failed and its file system still has less than ROOM_BYTES free."""
+        if self.failing is None:
+            return
+        try:
+            stat = os.statvfs(os.path.dirname(self.audit.path) or ".")
+            if stat.f_bavail * stat.f_frsize >= ROOM_BYTES:
+                self.failing = None  # room again: the next record will say
+                return
+        except OSError:
+            pass
+        raise AuditUnavailable(f"this node cannot write its audit log ({self.failing}); "
+                               "it serves nothing it could not record until there is room",
+                               retry_after=5.0)
+
     def close(self) -> None:
         """No more records; :meth:`run` returns once the queue is written."""
         self._send.close()
@@ -76,6 +103,13 @@ class AuditWriter:
                 continue
             try:
                 self.audit.append(now_ms=now_ms, sync=False, **item.fields)
+                self.failing = None
+            except StorageError as exc:  # the disk refused it: nothing of it was kept
+                item.error = exc
+                self.lost += 1
+                if self.failing is None:
+                    log.error("audit log: %s; refusing requests until it can be written", exc)
+                self.failing = str(exc)
             except Exception as exc:  # a bad record must not stop the log
                 item.error = exc
                 if item.done is None:

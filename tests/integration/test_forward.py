@@ -53,6 +53,9 @@ class Audit:
     async def record(self, kind, outcome, **fields):
         self.records.append((kind, outcome, fields))
 
+    def check(self):  # the log can always be written
+        pass
+
 
 def call(max_tokens=6, **body):
     return parse_chat({"model": "fake", "messages": [{"role": "user", "content": "hi there"}],

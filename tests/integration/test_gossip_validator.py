@@ -45,7 +45,7 @@ def fakes(n):
 
 async def test_one_connection_brings_new_identities_only_at_a_bounded_rate(autojump_clock):
     """A Sybil pushing 200 identities through one connection gets NEW_BURST of them in, then
-    NEW_PER_S a second, refused before any signature check; identities already known keep
+    NEW_PER_S a second, refused before the advert is verified; identities already known keep
     updating, and another connection still brings an honest newcomer at once."""
     mesh = Mesh(MeshConfig(), A, local=None, executor=None, verifier=Verifier())
     sybil = ID(fakes(1)[0][0].peer_id)
