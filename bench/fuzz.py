@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 with atheris.instrument_imports(include=["rbee_p2p"]):
     from rbee_p2p.protocol import cbor
     from rbee_p2p.protocol.audit import verify_chain
-    from rbee_p2p.protocol.envelope import DOMAIN, Limits, Verifier, seal, signed_head
+    from rbee_p2p.protocol.envelope import Limits, Verifier, seal, signed_bytes, signed_head
     from rbee_p2p.protocol.errors import ProtocolError
     from rbee_p2p.protocol.framing import FrameDecoder
     from rbee_p2p.protocol.receipts import verify_receipt
@@ -58,7 +58,7 @@ def one_input(data: bytes) -> None:
         print(f"inputs: {COUNT[0]:,} in {took:.0f} s ({COUNT[0] / took:,.0f}/s), only "
               f"ProtocolError so far: {dict(REASONS.most_common())}", flush=True)
     if COUNT[0] % 4 == 0 and signed_head(data) is not None:
-        data = data[:-64] + KEY.sign(DOMAIN + b"\x87" + data[1:-66])
+        data = data[:-64] + KEY.sign(signed_bytes(data))
     attempt(lambda d: FrameDecoder(64 * 1024).feed(d), data)
     attempt(lambda d: cbor.decode(d, max_size=64 * 1024), data)
     attempt(VERIFIER.verify, data, samples.NOW)

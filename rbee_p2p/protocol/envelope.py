@@ -38,6 +38,8 @@ __all__ = [
     "Verified",
     "seal",
     "decode_envelope",
+    "signed_head",
+    "signed_bytes",
     "check_signature",
     "check_time",
     "ReplayCache",
@@ -88,9 +90,7 @@ class Envelope:
     raw: bytes
 
     def signed_bytes(self) -> bytes:
-        # ``raw`` is canonical, so the signed 7-item array is raw's items minus the
-        # 66-byte signature (0x58 0x40 + 64 bytes) under a 7-item array header (0x87).
-        return DOMAIN + b"\x87" + self.raw[1:-(_SIGNATURE_LENGTH + 2)]
+        return signed_bytes(self.raw)
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,13 @@ def decode_envelope(data: bytes, limits: Limits) -> tuple[Envelope, Message]:
         raise InvalidSchema("envelope expires before it is issued")
     message: Message = from_wire(cls, payload)
     return env, message
+
+
+def signed_bytes(raw: bytes) -> bytes:
+    """What a canonical envelope's signature covers: ``raw`` is canonical, so the signed
+    7-item array is raw's items minus the 66-byte signature (0x58 0x40 + 64 bytes) under a
+    7-item array header (0x87), after the domain."""
+    return DOMAIN + b"\x87" + raw[1:-(_SIGNATURE_LENGTH + 2)]
 
 
 PRE_SIGNATURE_DECODE = 4096
@@ -328,6 +335,8 @@ class Verifier:
         (:class:`Misdirected` otherwise).  Raises a :class:`ProtocolError` subclass naming
         the first failed check; the replay cache is only updated when all checks pass.
         """
+        if len(data) > self.limits.max_bytes:
+            raise Oversized(f"{len(data)} bytes exceed the limit of {self.limits.max_bytes}")
         head = signed_head(data)
         if head is None:  # not an envelope's layout: the decoder says what is wrong
             if len(data) > PRE_SIGNATURE_DECODE:
@@ -338,13 +347,11 @@ class Verifier:
             check_signature(env)
         else:  # the signature first: nothing unsigned is ever decoded
             type_, signer, signature = head
-            if len(data) > self.limits.max_bytes:
-                raise Oversized(f"{len(data)} bytes exceed the limit of {self.limits.max_bytes}")
             cls = class_for_type(type_)
             _check_size(data, type_, self.limits)
             if expect is not None and not issubclass(cls, expect):
                 raise Misdirected(f"expected {expect.__name__}, got {cls.__name__}")
-            verify_signature(signer, signature, DOMAIN + b"\x87" + data[1:-(_SIGNATURE_LENGTH + 2)])
+            verify_signature(signer, signature, signed_bytes(data))
             env, message = decode_envelope(data, self.limits)
         if sender is not None and env.sender != sender:
             raise Misdirected("signed by an unexpected peer")
