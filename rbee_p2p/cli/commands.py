@@ -162,6 +162,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for addr in status.get("addrs", []):
         print(f"p2p      {addr}")
     print(f"peers    {len(status.get('peers', []))} (rbee-node peers for the list)")
+    reach = status.get("reachability")
+    if reach:
+        seen = f", reached at {', '.join(reach['observed'])}" if reach["observed"] else ""
+        asked = f" (by {reach['servers']} peer(s))" if reach["servers"] else " (not checked yet)"
+        print(f"reach    {reach['status']}{asked}{seen}")
     policy = status.get("policy")
     if policy:
         extra = "" if "file" not in policy else (

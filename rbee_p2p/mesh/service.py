@@ -27,6 +27,7 @@ from .host import build_host, check_ports_free, psk_from_secret
 from .latency import Latency
 from .membership import Membership
 from .peers import PeerView
+from .reach import Reach
 from .remote import RemoteJob
 from .settings import (PROBE_ID, LocalInfo, MeshConfig, advert_topic, liveness_s, now_ms,
                        reminder_interval_s, rendezvous_key)
@@ -56,6 +57,7 @@ class Mesh:
                                                    config.ping_concurrency)
         self.membership.forget_listeners.append(self.latency.forget)
         self.latency.on_answer = self.membership.prove
+        self.reach = Reach(config.reach_interval_s)
 
     @property
     def table(self) -> PeerTable:
@@ -110,6 +112,8 @@ class Mesh:
         nursery.start_soon(self._age_table)
         nursery.start_soon(self.client.keep_warm_streams)
         nursery.start_soon(self.latency.run, self.host, lambda: list(self.table.peers))
+        nursery.start_soon(self.reach.run, self.host, lambda: list(self.table.peers),
+                           psk_from_secret(cfg.psk) if cfg.psk else None)
         if cfg.peers:
             nursery.start_soon(self._keep_static_peers)
         if cfg.dht:
@@ -282,6 +286,7 @@ class Mesh:
             "adverts": {**self.table.counters, "proven_peers": len(self.membership.proven)},
             "probes": dict(self.view.probes),
             "pings": dict(self.latency.pings),
+            "reachability": self.reach.summary(),
             "connected": [str(p) for p in self.host.get_connected_peers()] if self.host else [],
         }
 

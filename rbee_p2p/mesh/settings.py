@@ -40,6 +40,7 @@ class MeshConfig:
     # claim alone meets no residency rule)
     attested: tuple[tuple[str, str], ...] = ()
     believe_claims: bool = False  # peers' own speed claims (a private swarm: one owner's)
+    reach_interval_s: float = 300.0  # AutoNAT: ask connected peers to dial us back this often
     advert_interval_s: float = 1.0
     suspect_after_s: float = 3.0
     dead_after_s: float = 8.0
