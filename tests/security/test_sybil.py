@@ -68,5 +68,5 @@ def test_a_thousand_identities_over_one_connection_change_little(tmp_path):
     # (py-libp2p's GossipSub drops a peer's messages above 10 a second on its own; what
     # gets through, a connection may bring at NEW_BURST, then NEW_PER_S a second)
     assert watched["size"] < 100, watched
-    assert watched["age"] < 2.0, watched  # the victim kept advertising at its pace
-    assert watched["chat_s"] < 3 and watched["local_s"] < 1, watched
+    assert watched["age"] < 3.0, watched  # the victim kept advertising: never dead (3 s)
+    assert watched["chat_s"] < 5 and watched["local_s"] < 2, watched  # before: 24 s
