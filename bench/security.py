@@ -30,42 +30,32 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "security"))
+sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))
 from attacker import fake_advert, hostile, sybil_adverts  # noqa: E402
-from common import free_port, median, server, table  # noqa: E402
+from common import median, table  # noqa: E402
+from nodeproc import NodeProcess  # noqa: E402
 
 from rbee_p2p.tenancy.tenants import TenantBook  # noqa: E402
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 
-class Victim:
-    def __init__(self, stack, tmp: Path, peer_yield: float | None) -> None:
-        self.home = tmp / "victim"
-        self.home.mkdir()
+class Victim(NodeProcess):
+    """The victim node on CPU 0, with two tenants, in the open swarm (no swarm key)."""
+
+    def __init__(self, tmp: Path, peer_yield: float | None) -> None:
+        home = tmp / "victim"
+        home.mkdir()
         if peer_yield is not None:
-            (self.home / "rbee-node.toml").write_text(f"peer_yield = {peer_yield}\n")
-        book = TenantBook.open(self.home)
+            (home / "rbee-node.toml").write_text(f"peer_yield = {peer_yield}\n")
+        book = TenantBook.open(home)
         self.key = book.add("local")
         self.capped = book.add("capped", tokens_per_day=10)
         book.save()
-        self.port, p2p = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {"RBEE_HOME": str(self.home)}
-        cmd = ["taskset", "-c", "0", "rbee-node", "start", "--port", str(self.port),
-               "--no-mdns", "--no-dht", "--swarm", "public", "--p2p-listen",
-               f"/ip4/127.0.0.1/tcp/{p2p}", "--no-default-model", "--fake-model", "m:200"]
-        for name in ("RBEE_PSK", "RBEE_JOIN"):  # the open swarm: no swarm key
-            os.environ.pop(name, None)
-        self.proc = stack.enter_context(server(cmd, self.url + "/health", tmp / "victim.log",
-                                               env=env))
-        status = self.status()
-        self.addr = status["addrs"][0]
+        super().__init__(home, "--no-dht", "--swarm", "public", "--no-default-model",
+                         "--fake-model", "m:200", env_psk=None, prefix=("taskset", "-c", "0"))
+        self.wait_ready()
         self.ps = psutil.Process(self.proc.pid)
-
-    def status(self) -> dict:
-        admin = (self.home / "admin.key").read_text().strip()
-        return httpx.get(self.url + "/rbee/status", timeout=10,
-                         headers={"Authorization": f"Bearer {admin}"}).json()
 
     def rss_mb(self) -> float:
         return self.ps.memory_info().rss / 1e6
@@ -209,32 +199,38 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs 2 cores: the victim on one, the attacker on the other")
     os.sched_setaffinity(0, {1})
-    from contextlib import ExitStack
+    with tempfile.TemporaryDirectory() as tmp:
+        victim = Victim(Path(tmp), args.peer_yield)
+        try:
+            run(victim, args.chats)
+        finally:
+            victim.kill()
 
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        victim = Victim(stack, Path(tmp), args.peer_yield)
-        chats(victim, 10)  # warm up
-        anchor = median(chats(victim, args.chats))
-        rows = [["flood", "chat p50 ms", "x unloaded", "RSS +MB", "fresh accepted"],
-                ["none (anchor)", f"{anchor * 1000:.1f}", "1.00", "0", ""]]
-        for name, flood in FLOODS.items():
-            latencies, grown, fresh = trio.run(under, victim, flood, args.chats)
-            p50 = median(latencies)
-            rows.append([name, f"{p50 * 1000:.1f}", f"{p50 / anchor:.2f}", f"{grown:.0f}",
-                         "" if fresh is None else f"{fresh:.0f}%"])
-            print(rows[-1], flush=True)
-        latencies, grown = slowloris(victim, args.chats)
+
+def run(victim: Victim, n: int) -> None:
+    """Every flood in turn, then the slowloris and the quota rows; prints the table."""
+    chats(victim, 10)  # warm up
+    anchor = median(chats(victim, n))
+    rows = [["flood", "chat p50 ms", "x unloaded", "RSS +MB", "fresh accepted"],
+            ["none (anchor)", f"{anchor * 1000:.1f}", "1.00", "0", ""]]
+    for name, flood in FLOODS.items():
+        latencies, grown, fresh = trio.run(under, victim, flood, n)
         p50 = median(latencies)
-        rows.append(["2,000 half-open HTTP connections", f"{p50 * 1000:.1f}",
-                     f"{p50 / anchor:.2f}", f"{grown:.0f}", ""])
-        overshoot = quota_overshoot(victim)
-        print(table(rows))
-        print(f"\nquota overshoot (tokens/day = 10, 20 concurrent requests of max_tokens "
-              f"{CHAT['max_tokens']}): {overshoot} tokens "
-              f"({'within' if overshoot <= CHAT['max_tokens'] else 'MORE than'} one request's "
-              "max_tokens)")
-        status = victim.status()
-        print("victim's peer gate:", status["tenancy"]["peers"], "adverts:", status["adverts"])
+        rows.append([name, f"{p50 * 1000:.1f}", f"{p50 / anchor:.2f}", f"{grown:.0f}",
+                     "" if fresh is None else f"{fresh:.0f}%"])
+        print(rows[-1], flush=True)
+    latencies, grown = slowloris(victim, n)
+    p50 = median(latencies)
+    rows.append(["2,000 half-open HTTP connections", f"{p50 * 1000:.1f}",
+                 f"{p50 / anchor:.2f}", f"{grown:.0f}", ""])
+    overshoot = quota_overshoot(victim)
+    print(table(rows))
+    print(f"\nquota overshoot (tokens/day = 10, 20 concurrent requests of max_tokens "
+          f"{CHAT['max_tokens']}): {overshoot} tokens "
+          f"({'within' if overshoot <= CHAT['max_tokens'] else 'MORE than'} one request's "
+          "max_tokens)")
+    status = victim.status()
+    print("victim's peer gate:", status["tenancy"]["peers"], "adverts:", status["adverts"])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class Mesh:
         self.verifier = verifier
         self.host: Any = None
         self.pubsub: Any = None
+        self._psk: str | None = None  # the swarm's pnet key, once running
         self.membership = Membership(config, key, local, verifier, self.addrs)
         self.membership.on_back = self._unblock
         self.view = PeerView(config, key, self.membership, verifier)
@@ -76,7 +77,7 @@ class Mesh:
         from libp2p.tools.anyio_service import background_trio_service
 
         cfg = self.config
-        psk = psk_from_secret(cfg.psk) if cfg.psk else None
+        psk = self._psk = psk_from_secret(cfg.psk) if cfg.psk else None
         allow = None
         if cfg.allow is not None:
             from ..protocol.identity import peer_id_from_str
@@ -113,7 +114,7 @@ class Mesh:
         nursery.start_soon(self.client.keep_warm_streams)
         nursery.start_soon(self.latency.run, self.host, lambda: list(self.table.peers))
         nursery.start_soon(self.reach.run, self.host, lambda: list(self.table.peers),
-                           psk_from_secret(cfg.psk) if cfg.psk else None)
+                           self._psk)
         if cfg.peers:
             nursery.start_soon(self._keep_static_peers)
         if cfg.dht:
